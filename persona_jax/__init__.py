@@ -1,0 +1,5 @@
+"""persona_jax: persona vectors (extract, monitor, steer, prevent, flag) in JAX/Flax."""
+from persona_jax.errors import PersonaError
+from persona_jax.forward import ForwardOutput, forward, forward_arrays
+from persona_jax.models import DecoderConfig, Model, load_model
+from persona_jax.sharding import make_mesh

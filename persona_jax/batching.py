@@ -1,0 +1,49 @@
+"""Padding, length buckets and batch placement shared by every batched runner."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from persona_jax import sharding as sh
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Padded length for n tokens: powers of two up to 512, then multiples of 256, so a
+    run compiles a handful of shapes rather than one per batch."""
+    n = max(n, minimum)
+    if n <= 512:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 256) * 256
+
+
+def batch_multiple(mesh) -> int:
+    return 1 if mesh is None else mesh.shape["data"]
+
+
+def pad_rows(seqs: list[list[int]], length: int, pad_id: int, left: bool):
+    """Pad token lists to [B, length] (int32) with a matching 0/1 mask."""
+    b = len(seqs)
+    tokens = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        if left:
+            tokens[i, length - n:] = s
+            mask[i, length - n:] = 1
+        else:
+            tokens[i, :n] = s
+            mask[i, :n] = 1
+    return tokens, mask
+
+
+def place(mesh, *arrays, batch_axis: int = 0):
+    """Put host arrays on device, batch split over the mesh's data axis."""
+    if mesh is None:
+        out = tuple(jax.device_put(a) for a in arrays)
+    else:
+        out = tuple(jax.device_put(a, sh.data_sharding(mesh, np.ndim(a), batch_axis)) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+def grow_batch(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -1,0 +1,47 @@
+"""`forward`: logits and all hidden states for a batch, HF `output_hidden_states` style."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persona_jax import batching, transforms
+from persona_jax.errors import PersonaError
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    logits: jax.Array  # [B, T, V] float32
+    hidden_states: jax.Array  # [L+1, B, T, D]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward_arrays(config, params, input_ids, attention_mask):
+    """Jitted forward: input_ids/attention_mask [B, T] -> (logits [B, T, V], hidden [L+1, B, T, D])."""
+    ctx = transforms.make_ctx(attention_mask)
+    logits, hidden, _ = transforms.decoder_apply(config, params, input_ids, ctx, capture="hidden")
+    return logits, hidden
+
+
+def forward(model, input_ids, attention_mask=None) -> ForwardOutput:
+    """Forward a padded batch. input_ids: [B, T] ints; attention_mask: [B, T] 0/1 (left
+    or right padding both work; positions follow the real tokens)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise PersonaError(f"input_ids must be [batch, length]; got shape {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise PersonaError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= model.config.vocab_size):
+        raise PersonaError(f"token ids must lie in [0, {model.config.vocab_size}); got {ids.min()}..{ids.max()}")
+    b = ids.shape[0]
+    b_pad = batching.grow_batch(b, batching.batch_multiple(model.mesh))
+    if b_pad != b:  # the data axis must divide the batch: pad with masked rows, drop them after
+        ids = np.concatenate([ids, np.zeros((b_pad - b, ids.shape[1]), ids.dtype)])
+        mask = np.concatenate([mask, np.zeros((b_pad - b, mask.shape[1]), mask.dtype)])
+    ids, mask = batching.place(model.mesh, ids.astype(np.int32), mask.astype(np.int32))
+    logits, hidden = forward_arrays(model.config, model.params, ids, mask)
+    return ForwardOutput(logits=logits[:b], hidden_states=hidden[:, :b])

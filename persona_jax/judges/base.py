@@ -1,0 +1,148 @@
+"""The judge interface: score (question, answer) pairs for trait expression and coherence.
+
+Scores are floats in [0, 100] or None (refusal / unparseable / too little probability
+mass on valid answers, METHOD.md 3). None is never to be read as 0.
+"""
+from __future__ import annotations
+
+import abc
+import os
+from typing import Optional, Sequence
+
+Score = Optional[float]
+
+
+class Judge(abc.ABC):
+    """Scores answers with a rubric.
+
+    Implementations: `OpenAIJudge` (any OpenAI-compatible endpoint), a local-model judge,
+    and exact judges for synthetic test languages.
+    """
+
+    @abc.abstractmethod
+    def trait_scores(
+        self,
+        trait: str,
+        eval_prompt: str,
+        questions: Sequence[str],
+        answers: Sequence[str],
+    ) -> list[Score]:
+        """Trait-expression scores.
+
+        Args:
+          trait: trait name (e.g. "evil"); judges may use it for caching/logging only.
+          eval_prompt: the trait's rubric template with `{question}` and `{answer}`.
+          questions: [n] question texts.
+          answers: [n] answer texts, aligned with `questions`.
+
+        Returns:
+          [n] scores in [0, 100] or None.
+        """
+
+    @abc.abstractmethod
+    def coherence_scores(
+        self, questions: Sequence[str], answers: Sequence[str]
+    ) -> list[Score]:
+        """Coherence scores with the fixed coherence rubric (`rubrics.COHERENCE_PROMPT`).
+
+        Args:
+          questions: [n] question texts.
+          answers: [n] answer texts.
+
+        Returns:
+          [n] scores in [0, 100] or None.
+        """
+
+
+def check_aligned(questions: Sequence[str], answers: Sequence[str]) -> None:
+    """Raise PersonaError if questions and answers differ in length."""
+    from persona_jax.errors import PersonaError
+
+    if len(questions) != len(answers):
+        raise PersonaError(
+            f"judge got {len(questions)} questions but {len(answers)} answers; "
+            "pass one answer per question."
+        )
+
+
+def judge_csv(
+    judge: Judge,
+    csv_path,
+    trait: str,
+    eval_prompt: str,
+    *,
+    chunk_size: int = 256,
+    coherence: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Fill the `<trait>` and `coherence` columns of a reference response CSV in place.
+
+    Only rows whose cell is empty are judged, `chunk_size` rows at a time, and the whole
+    CSV is rewritten atomically after each chunk: a kill loses at most the chunk in flight
+    and a rerun continues where it stopped. A None score is written as an empty cell, so a
+    rerun asks again for those rows (free with a cached judge).
+
+    Args:
+      judge: any `Judge`.
+      csv_path: CSV with at least `question` and `answer` columns; score columns are added
+        (in reference order) when absent.
+      trait: name of the trait column.
+      eval_prompt: the trait rubric ({question}, {answer}).
+      chunk_size: rows judged between two rewrites.
+      coherence: also fill the `coherence` column.
+
+    Returns:
+      {"rows": n, "judged": rows sent to the judge now, "trait_missing": empty trait cells
+       after the run, "coherence_missing": same for coherence (0 when coherence=False)}.
+    """
+    from tqdm.auto import tqdm
+
+    from persona_jax.csvio import RESPONSE_COLUMNS, format_score, read_csv, write_csv_atomic
+    from persona_jax.errors import PersonaError
+
+    if trait in RESPONSE_COLUMNS or trait == "coherence" or not trait:
+        raise PersonaError(
+            f"trait name {trait!r} for {csv_path} collides with a fixed CSV column; "
+            "use the trait's own name such as 'evil'."
+        )
+    if chunk_size < 1:
+        raise PersonaError(f"judge_csv chunk_size={chunk_size} is invalid; use 1 or more.")
+    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
+    score_cols = [trait] + (["coherence"] if coherence else [])
+    for col in score_cols:
+        if col not in fieldnames:
+            fieldnames.append(col)
+            for r in rows:
+                r[col] = ""
+
+    def empty(r, col):
+        return not r[col].strip()
+
+    pending = [i for i, r in enumerate(rows) if any(empty(r, c) for c in score_cols)]
+    bar = tqdm(total=len(pending), desc=f"judge {os.path.basename(str(csv_path))}",
+               disable=not progress)
+    for start in range(0, len(pending), chunk_size):
+        chunk = pending[start:start + chunk_size]
+        for col in score_cols:
+            idx = [i for i in chunk if empty(rows[i], col)]
+            if not idx:
+                continue
+            qs = [rows[i]["question"] for i in idx]
+            ans = [rows[i]["answer"] for i in idx]
+            if col == trait:
+                scores = judge.trait_scores(trait, eval_prompt, qs, ans)
+            else:
+                scores = judge.coherence_scores(qs, ans)
+            if len(scores) != len(idx):
+                raise RuntimeError(f"judge returned {len(scores)} scores for {len(idx)} answers")
+            for i, s in zip(idx, scores):
+                rows[i][col] = format_score(s)
+        write_csv_atomic(csv_path, fieldnames, rows)
+        bar.update(len(chunk))
+    bar.close()
+    return {
+        "rows": len(rows),
+        "judged": len(pending),
+        "trait_missing": sum(empty(r, trait) for r in rows),
+        "coherence_missing": sum(empty(r, "coherence") for r in rows) if coherence else 0,
+    }

@@ -1,0 +1,203 @@
+"""One llama-like Flax Linen decoder for every supported family.
+
+Blocks are stacked with `nn.scan` (params carry a leading [L] axis) so compile time does
+not grow with depth. Interventions are not written here: they are interceptors around
+`Block.__call__` (see `persona_jax/interventions.py`) that read per-layer slices of the
+`interventions` collection, which is scanned with the layers.
+
+Slots vs positions: a sequence lives in `S` cache slots (or `T` slots without a cache).
+Causality is by slot index (padding keeps its slot), RoPE and sliding windows use the
+token's real position, so left- or right-padded rows compute what unpadded rows do.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from persona_jax.models.config import DecoderConfig
+
+_ACTS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, weight applied after casting back (as transformers does)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return w * xf.astype(x.dtype)
+
+
+def _dense(features, bias, dtype, name):
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(0.02))
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding, rotate-half convention.
+
+    x: [B, T, heads, head_dim]; positions: [B, T] int; inv_freq: [head_dim // 2] float32.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, ctx, window, cache):
+        c = self.config
+        b, t, _ = x.shape
+        q = _dense(c.num_heads * c.head_dim, c.qkv_bias, self.dtype, "q_proj")(x)
+        k = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, "k_proj")(x)
+        v = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, "v_proj")(x)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k)
+        inv_freq = jnp.asarray(c.inv_freq())
+        q = rope(q, ctx["positions"], inv_freq)
+        k = rope(k, ctx["positions"], inv_freq)
+
+        if cache is not None:
+            idx = ctx["cache_index"]
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+            q_slots = idx + jnp.arange(t)
+        else:
+            k_all, v_all, new_cache = k, v, None
+            q_slots = jnp.arange(t)
+        s = k_all.shape[1]
+        kv_slots = jnp.arange(s)
+
+        # [B, T, S] allowed: causal by slot, key is a real token, inside the sliding window.
+        allowed = (kv_slots[None, None, :] <= q_slots[None, :, None]) & ctx["kv_valid"][:, None, :]
+        dist = ctx["positions"][:, :, None] - ctx["kv_pos"][:, None, :]
+        allowed &= (window == 0) | (dist < window)
+
+        groups = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype)) * (c.head_dim ** -0.5)
+        scores = scores.astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(q.dtype))
+        out = out.reshape(b, t, c.num_heads * c.head_dim)
+        return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c.intermediate_size, c.mlp_bias, self.dtype, "gate_proj")(x)
+        up = _dense(c.intermediate_size, c.mlp_bias, self.dtype, "up_proj")(x)
+        return _dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(_ACTS[c.hidden_act](gate) * up)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block; `__call__` is what interceptors wrap.
+
+    Args (per scan step):
+      h: [B, T, D] residual stream (the scan carry).
+      layer_in: dict with `window` (scalar int) and optionally `cache` {k, v: [B, S, KV, hd]}.
+      ctx: dict broadcast to every layer: positions [B, T], kv_valid [B, S] bool,
+        kv_pos [B, S], cache_index scalar.
+    Returns (h_out, new_cache or None).
+    """
+
+    config: DecoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h, layer_in, ctx):
+        c = self.config
+        a, new_cache = Attention(c, self.dtype, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
+            ctx, layer_in["window"], layer_in.get("cache"))
+        h = h + a
+        h = h + MLP(c, self.dtype, name="mlp")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h))
+        return h, new_cache
+
+
+class Embedding(nn.Module):
+    """Token embedding; `__call__` is wrapped by interceptors as hidden state 0."""
+
+    config: DecoderConfig
+    dtype: jnp.dtype
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(0.02),
+                                    (self.config.vocab_size, self.config.hidden_size), self.dtype)
+
+    def __call__(self, tokens, ctx):
+        del ctx  # read by interceptors (intervention position masks, readout weights)
+        return jnp.take(self.embedding, tokens, axis=0)
+
+    def attend(self, h):
+        return h @ self.embedding.T
+
+
+class Decoder(nn.Module):
+    """The whole model. Hidden state l (HF `output_hidden_states` index) is the output of
+    `Embedding` for l = 0 and of block l-1 otherwise; the last one is additionally passed
+    through the final norm by the caller's readout (the HF quirk; see interventions.py).
+
+    __call__(tokens [B, T], ctx, cache=None, logits=True) ->
+      (logits [B, T, V] float32 or None, h_final [B, T, D] after the final norm,
+       new_cache {k, v: [L, B, S, KV, hd]} or None)
+    """
+
+    config: DecoderConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, ctx, cache=None, logits=True):
+        c = self.config
+        embed = Embedding(c, self.dtype, name="embed_tokens")
+        h = embed(tokens, ctx)
+        layer_in = {"window": jnp.asarray(c.layer_windows, jnp.int32)}
+        if cache is not None:
+            layer_in["cache"] = cache
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0, "intermediates": 0, "interventions": 0},
+            variable_broadcast=False,
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.dtype, name="layers")
+        h, new_cache = blocks(h, layer_in, ctx)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
+        out = None
+        if logits:
+            if c.tie_word_embeddings:
+                out = embed.attend(h)
+            else:
+                out = _dense(c.vocab_size, False, self.dtype, "lm_head")(h)
+            out = out.astype(jnp.float32)
+        return out, h, new_cache

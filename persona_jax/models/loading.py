@@ -1,0 +1,225 @@
+"""`load_model`: HF checkpoint directory (or hub id in the local cache) -> `Model`.
+
+Weights stream tensor slice by tensor slice from memory-mapped safetensors straight into
+their device placement (`jax.make_array_from_callback`): each device's shard is read
+from disk, converted, and placed, so host RAM never holds a second copy of the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from persona_jax import sharding as sh
+from persona_jax import transforms
+from persona_jax.errors import PersonaError
+from persona_jax.models.config import DecoderConfig
+from persona_jax.models.families import config_from_hf
+from persona_jax.models.safetensors_io import SafetensorsFile
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded decoder: architecture, (sharded) params, tokenizer, mesh."""
+
+    config: DecoderConfig
+    params: Any
+    tokenizer: Any = None
+    mesh: Mesh | None = None
+    name: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed_tokens"]["embedding"].dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise PersonaError(f"model {self.name} has no tokenizer files; add tokenizer.json / tokenizer_config.json to its directory")
+        return self.tokenizer
+
+    def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+        """Chat template text for one conversation (list of {role, content})."""
+        tok = self.require_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise PersonaError(
+                f"the tokenizer of {self.name} has no chat template; pass already rendered prompt strings, "
+                "or add a chat_template to tokenizer_config.json")
+        kwargs = {}
+        if "enable_thinking" in tok.chat_template:
+            kwargs["enable_thinking"] = False  # Qwen3: answer directly, as the method expects
+        return tok.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt, **kwargs)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(set(ids)))
+
+    @property
+    def pad_token_id(self) -> int:
+        for cand in (getattr(self.tokenizer, "pad_token_id", None), self.config.pad_token_id,
+                     *self.eos_token_ids):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+
+def _resolve_dir(path_or_id: str) -> str:
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/"))
+    if not looks_like_id:
+        raise PersonaError(f"model directory {path_or_id} does not exist; pass a local checkpoint directory or a hub id like Qwen/Qwen2.5-7B-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline machine, unknown id, gated repo ...
+        raise PersonaError(f"could not find {path_or_id} locally or in the Hugging Face cache ({type(e).__name__}); download it first or pass a local directory") from None
+
+
+def _weight_files(d: str) -> dict[str, str]:
+    """tensor name -> file, from the index when sharded."""
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise PersonaError(f"{index} is not a valid safetensors index ({e})") from None
+        return {k: os.path.join(d, v) for k, v in weight_map.items()}
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    if not files:
+        raise PersonaError(f"no *.safetensors weights in {d}; save the model with save_pretrained(safe_serialization=True)")
+    names = {}
+    for f in files:
+        for k in SafetensorsFile(os.path.join(d, f)).keys():
+            names[k] = os.path.join(d, f)
+    return names
+
+
+def hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, bool]:
+    """Our param path -> (HF tensor name, transpose?)."""
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names == ["embed_tokens", "embedding"]:
+        return "model.embed_tokens.weight", False
+    if names == ["lm_head", "kernel"]:
+        return "lm_head.weight", True
+    if names == ["norm", "weight"]:
+        return "model.norm.weight", False
+    leaf = names[-1]
+    stem = ".".join(names[1:-1])
+    suffix = "bias" if leaf == "bias" else "weight"
+    return f"model.layers.{layer}.{stem}.{suffix}", leaf == "kernel"
+
+
+class _Reader:
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.open: dict[str, SafetensorsFile] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise PersonaError(f"checkpoint is missing tensor {name}; is it a complete save of a supported model?")
+        path = self.files[name]
+        if path not in self.open:
+            if not os.path.exists(path):
+                raise PersonaError(f"weight file {path} named by the index is missing")
+            self.open[path] = SafetensorsFile(path)
+        f = self.open[path]
+        if name not in f:
+            raise PersonaError(f"{path} does not contain tensor {name} although the index says so")
+        return f[name]
+
+
+def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_layers: int):
+    """Build one (sharded) param leaf, reading only the slices each device needs."""
+    shape, dtype = tuple(shape_dtype.shape), shape_dtype.dtype
+
+    def read_layer(layer, idx):
+        name, transpose = hf_name(path, layer)
+        t = reader.get(name)
+        want = shape[1:] if stacked else shape
+        got = t.shape[::-1] if transpose else t.shape
+        if tuple(got) != tuple(want):
+            raise PersonaError(f"tensor {name} has shape {tuple(t.shape)}, but config.json implies {tuple(want[::-1] if transpose else want)}")
+        t = t.T if transpose else t
+        return np.asarray(t[idx], dtype=dtype)
+
+    def callback(index):
+        if not stacked:
+            return read_layer(None, index)
+        layers = range(*index[0].indices(num_layers))
+        return np.stack([read_layer(i, tuple(index[1:])) for i in layers])
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def load_params(directory: str, config: DecoderConfig, dtype=jnp.float32, mesh: Mesh | None = None):
+    """Stream a checkpoint's weights into (sharded) device arrays."""
+    reader = _Reader(_weight_files(directory))
+    shapes = transforms.param_shapes(config, dtype)
+    if mesh is not None:
+        shardings = sh.param_shardings(shapes, mesh)
+    else:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+
+    def leaf(path, sd, shd):
+        stacked = str(getattr(path[0], "key", path[0])) == "layers"
+        return _load_leaf(reader, path, sd, shd, stacked, config.num_layers)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
+
+
+def _load_tokenizer(d: str):
+    if not any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        logging.warning("%s has no tokenizer files: token-id inputs only", d)
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(d)
+    except Exception as e:
+        raise PersonaError(f"the tokenizer in {d} could not be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_model(path_or_id: str, dtype: str = "float32", mesh: Mesh | None = None) -> Model:
+    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
+
+    Args:
+      path_or_id: a local directory with config.json, *.safetensors (optionally sharded
+        with an index) and tokenizer files; or a hub id already in the local HF cache.
+      dtype: "float32" or "bfloat16" for params and compute.
+      mesh: a ("data", "model") mesh to shard params over; None = first device.
+    """
+    if dtype not in DTYPES:
+        raise PersonaError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+    d = _resolve_dir(str(path_or_id))
+    cfg_path = os.path.join(d, "config.json")
+    if not os.path.exists(cfg_path):
+        raise PersonaError(f"{d} has no config.json; it is not a Hugging Face model directory")
+    try:
+        with open(cfg_path) as f:
+            hf_cfg = json.load(f)
+    except ValueError as e:
+        raise PersonaError(f"{cfg_path} is not valid JSON ({e})") from None
+    config = config_from_hf(hf_cfg, cfg_path)
+    params = load_params(d, config, DTYPES[dtype], mesh)
+    return Model(config=config, params=params, tokenizer=_load_tokenizer(d), mesh=mesh, name=str(path_or_id))

@@ -1,0 +1,77 @@
+"""Tiny random Hugging Face checkpoints for tests and benchmarks (needs torch).
+
+Nothing is downloaded: the model is random (transformers, PyTorch) and the tokenizer is
+a character-level `tokenizers` model with a chat template, saved with `save_pretrained`.
+"""
+from __future__ import annotations
+
+import string
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+# One config per family plus one that exercises GQA + tied embeddings + bias + q/k norm +
+# llama3 rope scaling together where the family allows it.
+FAMILY_KWARGS = {
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  attention_bias=True,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True),
+}
+
+
+def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level fast tokenizer: printable ASCII + chat specials (< 128 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>", unk_token="?")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[3:]})
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_checkpoint(directory: str, family: str = "llama", seed: int = 0, chat_template=CHAT_TEMPLATE,
+                    num_hidden_layers: int = 3, hidden_size: int = 48, intermediate_size: int = 96,
+                    vocab_size: int = 128, **overrides):
+    """Save a random tiny `family` model + tokenizer into `directory`; returns the torch model."""
+    import torch
+    import transformers
+
+    cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_hidden_layers, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(FAMILY_KWARGS[family])
+    kwargs.update(overrides)
+    config = cfg_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # HF init leaves norms at 1 and biases at 0: randomise so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    char_tokenizer(chat_template).save_pretrained(directory)
+    return model

@@ -1,0 +1,81 @@
+"""Pure array functions over (params, arrays): the jittable core every runner uses.
+
+These take a `DecoderConfig` (static) and a params pytree, so they can be called from a
+user's own JAX code under `jax.jit`/`shard_map` without a `Model` object.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from persona_jax import interventions as iv
+from persona_jax.models.config import DecoderConfig
+from persona_jax.models.decoder import Decoder
+
+
+def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None):
+    """Per-call context broadcast to every block.
+
+    attention_mask: [B, T] (1 = real token, 0 = padding). positions default to the count
+    of real tokens before each slot, so padded rows get the positions of unpadded ones.
+    kv_valid/kv_pos [B, S] default to the mask/positions themselves (no cache).
+    """
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    return {
+        "positions": positions.astype(jnp.int32),
+        "kv_valid": mask if kv_valid is None else kv_valid.astype(bool),
+        "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),
+        "cache_index": jnp.asarray(cache_index, jnp.int32),
+    }
+
+
+def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,
+                  cache=None, capture: iv.Capture = None, logits: bool = True):
+    """Run the decoder once.
+
+    Args:
+      config: static architecture.
+      params: param pytree (leaves may be sharded).
+      tokens: [B, T] int32.
+      ctx: from `make_ctx`, plus `add_pos` [K, B, T] / `abl_pos` [J, B, T] when
+        `interventions` has add / ablation terms, and `readout` [R, B, T] when
+        capture == "readout".
+      interventions: dict of [L+1, ...] arrays (see `persona_jax.interventions`) or None.
+      cache: {k, v: [L, B, S, KV, hd]} or None.
+      capture: None, "hidden" (all states) or "readout" (weighted position sums).
+      logits: compute the LM head (capture does not need it).
+
+    Returns (logits [B, T, V] float32 | None, captured, new_cache) where captured is
+    None, hidden states [L+1, B, T, D] in the HF `output_hidden_states` convention (the
+    last entry after the final norm), or readouts [L+1, R, B, D] float32.
+    """
+    dtype = params["embed_tokens"]["embedding"].dtype
+    variables = {"params": params}
+    if interventions:
+        variables["interventions"] = iv.split_layers(interventions)
+    with iv.active(capture):
+        (lg, h_final, new_cache), state = Decoder(config, dtype).apply(
+            variables, tokens, ctx, cache, logits, mutable=["intermediates"])
+    captured = None
+    if capture is not None:
+        inter = state["intermediates"]
+        name = "hidden" if capture == "hidden" else "readout"
+        first = inter["embed_tokens"][name][0]
+        blocks = inter["layers"][name][0]
+        last = h_final if capture == "hidden" else iv.readout(h_final, ctx["readout"])
+        captured = jnp.concatenate([first[None], blocks[:-1], last[None]], axis=0)
+    return lg, captured, new_cache
+
+
+def init_params(config: DecoderConfig, rng, dtype=jnp.float32):
+    """Random params (normal(0.02) kernels, unit norms): for training from scratch."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    ctx = make_ctx(jnp.ones((1, 1), jnp.int32))
+    return Decoder(config, dtype).init(rng, tokens, ctx)["params"]
+
+
+def param_shapes(config: DecoderConfig, dtype=jnp.float32):
+    """ShapeDtypeStruct pytree of the params, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))

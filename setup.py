@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="persona_jax",
+    version="0.1.0",
+    description="Persona vectors (monitor, steer, prevent, flag) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["persona_jax", "persona_jax.*"]),
+    package_data={"persona_jax": ["organism/assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "transformers>=5.0",
+        "safetensors>=0.6",
+        "numpy>=2.0",
+        "ml-collections>=1.1",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "openai>=1.50",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0"],
+    },
+)
