@@ -45,7 +45,8 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
       interventions: dict of [L+1, ...] arrays (see `persona_jax.interventions`) or None.
       cache: {k, v: [L, B, S, KV, hd]} or None.
       capture: None, "hidden" (all states) or "readout" (weighted position sums).
-      logits: compute the LM head (capture does not need it).
+      logits: True (all positions), "last" (last position only) or False (capture
+        does not need the LM head).
 
     Returns (logits [B, T, V] float32 | None, captured, new_cache) where captured is
     None, hidden states [L+1, B, T, D] in the HF `output_hidden_states` convention (the

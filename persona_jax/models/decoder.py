@@ -168,7 +168,8 @@ class Decoder(nn.Module):
     through the final norm by the caller's readout (the HF quirk; see interventions.py).
 
     __call__(tokens [B, T], ctx, cache=None, logits=True) ->
-      (logits [B, T, V] float32 or None, h_final [B, T, D] after the final norm,
+      (logits [B, T, V] float32 ([B, 1, V] when logits == "last") or None,
+       h_final [B, T, D] after the final norm,
        new_cache {k, v: [L, B, S, KV, hd]} or None)
     """
 
@@ -193,11 +194,14 @@ class Decoder(nn.Module):
         )(c, self.dtype, name="layers")
         h, new_cache = blocks(h, layer_in, ctx)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
+        h_final = h
         out = None
+        if logits == "last":  # sampling needs only the last position's logits
+            h = h[:, -1:]
         if logits:
             if c.tie_word_embeddings:
                 out = embed.attend(h)
             else:
                 out = _dense(c.vocab_size, False, self.dtype, "lm_head")(h)
             out = out.astype(jnp.float32)
-        return out, h, new_cache
+        return out, h_final, new_cache

@@ -1,0 +1,97 @@
+"""Residual-stream capture with the three reductions of METHOD.md 5, reduced on device.
+
+For every (prompt, response) the model runs on prompt + response (teacher forcing) and
+each hidden state l in 0..L is reduced to
+  prompt_avg   mean over positions [0, prompt_len)
+  prompt_last  position prompt_len - 1
+  response_avg mean over positions [prompt_len, end)
+where prompt_len is the token count of the prompt text alone (the reference's rule).
+The reductions are readout weights applied inside the scanned blocks, so only
+[L+1, 3, B, D] leaves the device, never [L+1, B, T, D]; the LM head is not computed.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from persona_jax import batching, transforms
+from persona_jax.errors import PersonaError
+from persona_jax.generate import tokenize
+
+REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
+
+
+def readout_weights(prompt_lens, total_lens, length: int):
+    """[3, B, T] float32 weights of the three reductions for right-padded rows."""
+    t = jnp.arange(length)[None, :]
+    pl = prompt_lens[:, None]
+    tl = total_lens[:, None]
+    in_prompt = (t < pl).astype(jnp.float32)
+    in_resp = ((t >= pl) & (t < tl)).astype(jnp.float32)
+    last = (t == pl - 1).astype(jnp.float32)
+    avg = lambda m: m / jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)
+    return jnp.stack([avg(in_prompt), last, avg(in_resp)])
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def capture_arrays(config, params, tokens, prompt_lens, total_lens, interventions=None, positions_masks=None):
+    """Jitted capture of one right-padded batch.
+
+    tokens: [B, T] int32; prompt_lens, total_lens: [B] int32 (0 for padding rows).
+    Returns [3, B, L+1, D] float32: prompt_avg, prompt_last, response_avg.
+    """
+    t = tokens.shape[1]
+    mask = (jnp.arange(t)[None, :] < total_lens[:, None]).astype(jnp.int32)
+    ctx = transforms.make_ctx(mask)
+    ctx["readout"] = readout_weights(prompt_lens, total_lens, t)
+    ctx.update(positions_masks or {})
+    _, ro, _ = transforms.decoder_apply(config, params, tokens, ctx, interventions=interventions,
+                                        capture="readout", logits=False)
+    return jnp.transpose(ro, (1, 2, 0, 3))  # [L+1, 3, B, D] -> [3, B, L+1, D]
+
+
+def capture(model, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
+            progress: bool = False) -> dict[str, np.ndarray]:
+    """Capture the three reductions for rendered prompts and their responses.
+
+    Returns {"prompt_avg", "prompt_last", "response_avg"}: float32 [N, L+1, D] each, and
+    "kept": int indices [N] of the inputs used. A response that adds zero tokens is
+    skipped with a warning that counts them (its response_avg would be undefined).
+    """
+    if len(prompts) != len(responses):
+        raise PersonaError(f"capture got {len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise PersonaError("capture got an empty list of prompts")
+    p_ids = tokenize(model, prompts)
+    full_ids = tokenize(model, [p + r for p, r in zip(prompts, responses)])
+    kept = [i for i in range(len(prompts)) if len(full_ids[i]) > len(p_ids[i]) and p_ids[i]]
+    if len(kept) < len(prompts):
+        logging.warning("capture: skipped %d of %d samples whose response adds no tokens",
+                        len(prompts) - len(kept), len(prompts))
+    if not kept:
+        raise PersonaError("capture: every response is empty, nothing to capture")
+    L1, D = model.num_layers + 1, model.hidden_size
+    out = np.zeros((3, len(kept), L1, D), np.float32)
+    order = sorted(range(len(kept)), key=lambda j: len(full_ids[kept[j]]))
+    bs = batching.grow_batch(min(batch_size, len(kept)), batching.batch_multiple(model.mesh))
+    for start in tqdm(range(0, len(order), bs), desc="capture", disable=not progress):
+        js = order[start:start + bs]
+        seqs = [full_ids[kept[j]] for j in js] + [[0]] * (bs - len(js))
+        length = batching.bucket(max(len(s) for s in seqs))
+        tokens, _ = batching.pad_rows(seqs, length, model.pad_token_id, left=False)
+        pl = np.zeros(bs, np.int32)
+        tl = np.zeros(bs, np.int32)
+        pl[: len(js)] = [len(p_ids[kept[j]]) for j in js]
+        tl[: len(js)] = [len(full_ids[kept[j]]) for j in js]
+        tokens, pl, tl = batching.place(model.mesh, tokens, pl, tl)
+        res = np.asarray(capture_arrays(model.config, model.params, tokens, pl, tl))
+        out[:, js] = res[:, : len(js)]
+    result = {name: out[i] for i, name in enumerate(REDUCTIONS)}
+    result["kept"] = np.asarray(kept)
+    return result

@@ -1,0 +1,225 @@
+"""Batched KV-cache sampling with interventions, the whole decode loop on device.
+
+`generate_arrays` is the jitted core (prefill in one call, then `lax.while_loop` over
+single-token decode steps that stops when every row has emitted EOS); `generate` is
+the host wrapper: render chats, tokenize, sort by length into buckets, left-pad, steer,
+decode strings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from persona_jax import batching, transforms
+from persona_jax.errors import PersonaError
+from persona_jax.steering import Steering, as_list, position_masks, steering_arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling choices (part of the compiled program)."""
+
+    max_new_tokens: int
+    greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def _filter_logits(logits, temperature, top_k, top_p, sp: SamplingParams):
+    """logits [B, V] float32 -> tempered, top-k / top-p filtered logits."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    neg = jnp.finfo(jnp.float32).min
+    if sp.use_top_k:
+        kth = jnp.sort(logits, axis=-1)[:, ::-1][:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
+        logits = jnp.where(logits < kth[:, None], neg, logits)
+    if sp.use_top_p:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum_before = jnp.cumsum(probs, axis=-1) - probs
+        drop_sorted = cum_before >= top_p  # keeps the smallest prefix reaching top_p (>= 1 token)
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, neg, logits)
+    return logits
+
+
+def _pick(logits, keys, step, temperature, top_k, top_p, min_new, sp: SamplingParams):
+    """Choose next tokens [B] from logits [B, V] (float32)."""
+    logits = logits.astype(jnp.float32)
+    if sp.eos_ids:
+        eos = jnp.asarray(sp.eos_ids)
+        logits = jnp.where((step < min_new) & jnp.isin(jnp.arange(logits.shape[-1]), eos)[None],
+                           jnp.finfo(jnp.float32).min, logits)
+    if sp.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = _filter_logits(logits, temperature, top_k, top_p, sp)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len"))
+def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
+                    interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
+                    cache_len: int):
+    """Prefill + on-device decode loop.
+
+    Args:
+      tokens, mask: [B, P] left-padded prompts (the last column is every row's last token).
+      row_keys: [B, 2] uint32 PRNG keys, one per row (results do not depend on batching).
+      temperature, top_p: float scalars; top_k, min_new: int scalars (dynamic).
+      interventions: intervention arrays [L+1, K, ...] or None.
+      prefill_pos / decode_pos: {add_pos, abl_pos} masks [K, B, P] / [K, B, 1].
+      sp: static sampling params; cache_len: S >= P + max_new_tokens.
+
+    Returns (new_tokens [B, max_new_tokens] int32, padded with pad_id after EOS,
+             lengths [B] int32 counting tokens up to and including EOS).
+    """
+    b, p = tokens.shape
+    c = config
+    dtype = params["embed_tokens"]["embedding"].dtype
+    cache = {
+        "k": jnp.zeros((c.num_layers, b, cache_len, c.num_kv_heads, c.head_dim), dtype),
+        "v": jnp.zeros((c.num_layers, b, cache_len, c.num_kv_heads, c.head_dim), dtype),
+    }
+    n_prompt = mask.sum(axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
+    kv_pos = jnp.concatenate(
+        [positions, n_prompt[:, None] + jnp.arange(cache_len - p)[None]], axis=1).astype(jnp.int32)
+    ctx = transforms.make_ctx(mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    ctx.update(prefill_pos or {})
+    logits, _, cache = transforms.decoder_apply(
+        c, params, tokens, ctx, interventions=interventions, cache=cache, logits="last")
+    first = _pick(logits[:, -1], row_keys, 0, temperature, top_k, top_p, min_new, sp)
+
+    eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,))
+    out = jnp.full((b, sp.max_new_tokens), sp.pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < sp.max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, out, cache, kv_valid, done, lengths, last = state
+        slot = p + step - 1  # the slot of `last`, the token being fed now
+        kv_valid = kv_valid.at[:, slot].set(True)
+        dctx = transforms.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
+                                   cache_index=slot, kv_valid=kv_valid, kv_pos=kv_pos)
+        dctx.update(decode_pos or {})
+        logits, _, cache = transforms.decoder_apply(
+            c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
+        nxt = _pick(logits[:, -1], row_keys, step, temperature, top_k, top_p, min_new, sp)
+        nxt = jnp.where(done, sp.pad_id, nxt)
+        out = out.at[:, step].set(nxt)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, eos)
+        return step + 1, out, cache, kv_valid, done, lengths, nxt
+
+    state = (jnp.asarray(1, jnp.int32), out, cache, kv_valid, done, lengths, first)
+    _, out, _, _, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out, lengths
+
+
+@dataclasses.dataclass
+class Generation:
+    texts: list[str]
+    tokens: list[list[int]]  # new tokens per input, EOS included when emitted
+    prompts: list[str]
+
+
+def render_prompts(model, inputs) -> list[str]:
+    """Chat conversations (lists of {role, content}) -> template text; strings pass through."""
+    if isinstance(inputs, (str, dict)):
+        raise PersonaError("generate expects a list of prompts or conversations, not a single one")
+    out = []
+    for x in inputs:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, (list, tuple)) and all(isinstance(m, dict) for m in x):
+            out.append(model.render_chat(list(x), add_generation_prompt=True))
+        else:
+            raise PersonaError(f"each input must be a prompt string or a list of chat messages; got {type(x).__name__}")
+    return out
+
+
+def tokenize(model, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered texts; the chat template already holds any BOS, so no specials are added."""
+    tok = model.require_tokenizer()
+    return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int | None = None, min_new_tokens: int = 1, seed: int = 0,
+             steering: Steering | Sequence[Steering] | None = None, batch_size: int = 32,
+             return_tokens: bool = False, progress: bool = False):
+    """Sample continuations.
+
+    Args:
+      model: a loaded `Model`.
+      inputs: list of chat conversations (rendered with the chat template and generation
+        prompt) or of already rendered prompt strings.
+      max_new_tokens: tokens to generate at most per input.
+      temperature: 0 = greedy; top_p / top_k filter before sampling.
+      min_new_tokens: EOS is forbidden before this many tokens.
+      seed: results are a deterministic function of (seed, input index).
+      steering: one `Steering` or several (applied together); per-row coefficients
+        follow the order of `inputs`.
+      return_tokens: return a `Generation` (texts, token ids, prompts) instead of texts.
+    """
+    if max_new_tokens < 1:
+        raise PersonaError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    prompts = render_prompts(model, inputs)
+    if not prompts:
+        raise PersonaError("generate got an empty list of inputs")
+    ids = tokenize(model, prompts)
+    for i, s in enumerate(ids):
+        if not s:
+            raise PersonaError(f"input {i} tokenizes to zero tokens")
+    steerings = as_list(steering)
+    for s in steerings:
+        s.validate(model.num_layers, model.hidden_size, len(prompts))
+    tok = model.require_tokenizer()
+    sp = SamplingParams(max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
+                        use_top_k=top_k is not None, use_top_p=top_p < 1.0,
+                        eos_ids=model.eos_token_ids, pad_id=model.pad_token_id)
+    base_key = jax.random.PRNGKey(seed)
+    order = np.argsort([len(s) for s in ids], kind="stable")
+    mult = batching.batch_multiple(model.mesh)
+    bs = batching.grow_batch(min(batch_size, len(ids)), mult)
+    new_tokens: list[list[int]] = [None] * len(ids)  # type: ignore[list-item]
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    for rows in tqdm(batches, desc="generate", disable=not progress):
+        rows_p = np.full(bs, -1)
+        rows_p[: len(rows)] = rows
+        p_len = batching.bucket(max(len(ids[r]) for r in rows))
+        seqs = [ids[r] if r >= 0 else [model.pad_token_id] for r in rows_p]
+        tokens, mask = batching.pad_rows(seqs, p_len, model.pad_token_id, left=True)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(np.maximum(rows_p, 0)))
+        interventions = prefill_pos = decode_pos = None
+        if steerings:
+            interventions = steering_arrays(steerings, model.num_layers, model.hidden_size, rows_p, bs)
+            prefill_pos = position_masks(steerings, "prefill", mask)
+            decode_pos = position_masks(steerings, "decode", np.ones((bs, 1), np.int32))
+        tokens, mask = batching.place(model.mesh, tokens, mask)
+        cache_len = p_len + -(-max_new_tokens // 16) * 16
+        out, lengths = generate_arrays(
+            model.config, model.params, tokens, mask, keys, jnp.float32(temperature),
+            jnp.int32(top_k or 0), jnp.float32(top_p), jnp.int32(min_new_tokens),
+            interventions, prefill_pos, decode_pos, sp=sp, cache_len=cache_len)
+        out, lengths = np.asarray(out), np.asarray(lengths)
+        for j, r in enumerate(rows):
+            new_tokens[r] = out[j, : lengths[j]].tolist()
+    texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
+    if return_tokens:
+        return Generation(texts=texts, tokens=new_tokens, prompts=prompts)
+    return texts

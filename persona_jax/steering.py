@@ -1,0 +1,153 @@
+"""`Steering`: what to add to (or ablate from) the residual stream, as data.
+
+A `Steering` becomes intervention arrays (see `persona_jax.interventions`):
+`add_vec`/`abl_dir` [L+1, K, D], `add_coef`/`abl_coef` [L+1, K, B] and per-call position
+masks [K, B, T]. Coefficients and layers are array values, so a layer x coefficient
+sweep is one batch of one compiled program.
+
+Position modes (METHOD.md 6, the reference's meaning):
+  all      every position of every forward call (prefill and each decode step);
+  prompt   every position of the prefill call, nothing while decoding;
+  response the last position of every forward call: the last prompt token in prefill
+           (the last real token of each row, whatever the padding), then every new token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import numpy as np
+
+from persona_jax.errors import PersonaError
+
+POSITIONS = ("all", "prompt", "response")
+KINDS = ("add", "ablate")
+Phase = Literal["prefill", "decode", "train"]
+
+
+@dataclasses.dataclass
+class Steering:
+    """Steer with `vector` [L+1, D] (a persona vector, one row per hidden state).
+
+    layer: hidden-state index l in 0..L (adds to block l-1's output; 0 = embeddings), or a
+      sequence of them for multi-layer steering (every listed layer, every row).
+    coef: one coefficient, or one per batch row. For `ablate`, the strength (1 = remove
+      the projection on v[l]/|v[l]| entirely).
+    rows_layers: optional per-row layer (a sweep: row b steers layer rows_layers[b]
+      with coef[b]); overrides `layer`. Build it with `Steering.sweep`.
+    """
+
+    vector: np.ndarray
+    layer: int | Sequence[int] = 0
+    coef: float | Sequence[float] = 1.0
+    positions: str = "all"
+    kind: str = "add"
+    rows_layers: Sequence[int] | None = None
+
+    @classmethod
+    def sweep(cls, vector, layers: Sequence[int], coefs: Sequence[float], positions="all", kind="add"):
+        """One row per (layer, coef) pair: `layers[b]`, `coefs[b]` for row b."""
+        if len(layers) != len(coefs):
+            raise PersonaError(f"a sweep needs one layer per coefficient; got {len(layers)} layers and {len(coefs)} coefficients")
+        return cls(vector, layer=0, coef=list(coefs), positions=positions, kind=kind, rows_layers=list(layers))
+
+    def validate(self, num_layers: int, hidden_size: int, batch: int | None = None):
+        v = np.asarray(self.vector)
+        if v.ndim != 2 or v.shape != (num_layers + 1, hidden_size):
+            raise PersonaError(
+                f"steering vector has shape {tuple(v.shape)} but this model needs ({num_layers + 1}, {hidden_size}) "
+                "(one row per hidden state, layers+1 rows)")
+        if not np.all(np.isfinite(v)):
+            raise PersonaError("steering vector contains NaN or inf")
+        layers = self.rows_layers if self.rows_layers is not None else np.atleast_1d(self.layer)
+        for l in layers:
+            if not (0 <= int(l) <= num_layers):
+                raise PersonaError(f"steering layer {l} is outside 0..{num_layers} for this {num_layers}-layer model")
+        if self.positions not in POSITIONS:
+            raise PersonaError(f"unknown steering positions {self.positions!r}; use one of: {', '.join(POSITIONS)}")
+        if self.kind not in KINDS:
+            raise PersonaError(f"unknown steering kind {self.kind!r}; use one of: {', '.join(KINDS)}")
+        if self.kind == "ablate" and np.any(np.linalg.norm(v[np.atleast_1d(layers).astype(int)], axis=-1) == 0):
+            raise PersonaError("cannot ablate a zero vector: its direction is undefined")
+        coef = np.atleast_1d(np.asarray(self.coef, np.float32))
+        if batch is not None and coef.size not in (1, batch):
+            raise PersonaError(f"steering has {coef.size} per-row coefficients for a batch of {batch} inputs")
+        if self.rows_layers is not None and batch is not None and len(self.rows_layers) != batch:
+            raise PersonaError(f"a sweep steering has {len(self.rows_layers)} rows for a batch of {batch} inputs")
+
+    def coef_matrix(self, num_layers: int, batch: int) -> np.ndarray:
+        """[L+1, B] coefficient of every hidden state for every row (input order)."""
+        coef = np.atleast_1d(np.asarray(self.coef, np.float32))
+        coef = np.broadcast_to(coef, (batch,)) if coef.size == 1 else coef
+        m = np.zeros((num_layers + 1, batch), np.float32)
+        if self.rows_layers is not None:
+            m[np.asarray(self.rows_layers, int), np.arange(batch)] = coef
+        else:
+            m[np.atleast_1d(self.layer).astype(int)] = coef
+        return m
+
+
+def as_list(steering) -> list[Steering]:
+    if steering is None:
+        return []
+    return [steering] if isinstance(steering, Steering) else list(steering)
+
+
+def steering_arrays(steerings: Sequence[Steering], num_layers: int, hidden_size: int,
+                    rows: np.ndarray, batch: int) -> dict:
+    """Intervention arrays for a batch whose row b is input `rows[b]` (-1 = padding row).
+
+    Returns {add_vec [L+1,K,D], add_coef [L+1,K,B], abl_dir, abl_coef} (only the kinds
+    present); position masks are built per call by `position_masks`.
+    """
+    out = {}
+    real = rows >= 0
+    for kind, vec_key, coef_key in (("add", "add_vec", "add_coef"), ("ablate", "abl_dir", "abl_coef")):
+        terms = [s for s in steerings if s.kind == kind]
+        if not terms:
+            continue
+        vecs, coefs = [], []
+        for s in terms:
+            v = np.asarray(s.vector, np.float32)
+            if kind == "ablate":
+                norms = np.linalg.norm(v, axis=-1, keepdims=True)
+                v = v / np.where(norms == 0, 1, norms)
+            per_row = np.size(s.coef) > 1 or s.rows_layers is not None
+            full = s.coef_matrix(num_layers, np.size(s.coef) if per_row else 1)  # [L+1, n]
+            m = np.zeros((num_layers + 1, batch), np.float32)
+            m[:, real] = full[:, rows[real]] if per_row else full[:, :1]
+            vecs.append(v)
+            coefs.append(m)
+        out[vec_key] = np.stack(vecs, axis=1)
+        out[coef_key] = np.stack(coefs, axis=1)
+    return out
+
+
+def position_masks(steerings: Sequence[Steering], phase: Phase, attention_mask: np.ndarray) -> dict:
+    """Per-call position masks {add_pos [K,B,T], abl_pos [J,B,T]} for one forward call.
+
+    attention_mask: [B, T] of this call's tokens (1 = real). In `prefill` (and `train`,
+    a teacher-forced forward), `response` marks each row's last real token; in `decode`
+    (T = 1) every new token.
+    """
+    b, t = attention_mask.shape
+    last = np.zeros((b, t), np.float32)
+    has = attention_mask.sum(1) > 0
+    idx = t - 1 - np.argmax(attention_mask[:, ::-1], axis=1)
+    last[np.arange(b)[has], idx[has]] = 1.0
+    out = {}
+    for kind, key in (("add", "add_pos"), ("ablate", "abl_pos")):
+        masks = []
+        for s in steerings:
+            if s.kind != kind:
+                continue
+            if s.positions == "all":
+                m = np.ones((b, t), np.float32)
+            elif s.positions == "prompt":
+                m = np.zeros((b, t), np.float32) if phase == "decode" else np.ones((b, t), np.float32)
+            else:  # response
+                m = np.ones((b, t), np.float32) if phase == "decode" else last
+            masks.append(m)
+        if masks:
+            out[key] = np.stack(masks)
+    return out
