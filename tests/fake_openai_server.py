@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 TopList = list  # [(token, logprob), ...]
 
@@ -29,7 +29,8 @@ class FakeOpenAIServer:
     """Usage: `with FakeOpenAIServer(...) as srv: OpenAIJudge(base_url=srv.url, ...)`.
 
     Args:
-      responder: prompt -> [(token, logprob)] for the top-logprobs of the one token.
+      responder: prompt -> [(token, logprob)] for the top-logprobs of the one token, or
+        prompt -> str for a plain text reply without logprobs (generator tests).
       script: actions for the first requests, in arrival order: "429", "500", "401",
         "nologprobs", ("hang", seconds) or "ok". Later requests are "ok".
       delay: seconds every successful reply waits before it is sent.
@@ -48,6 +49,8 @@ class FakeOpenAIServer:
         self.delay = delay
         self.prompts: list[str] = []  # every request's user message, in arrival order
         self.bodies: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests inside their `delay` at the same moment
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -126,11 +129,19 @@ class FakeOpenAIServer:
                                                        "type": "test", "code": action}})
                     return
                 if server.delay:
+                    # counted only while sleeping, i.e. strictly before the reply is sent,
+                    # so a client that sends its next request on receipt is never overcounted
+                    with server._lock:
+                        server.in_flight += 1
+                        server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     time.sleep(server.delay)
+                    with server._lock:
+                        server.in_flight -= 1
                 top = server.responder(prompt)
+                text = top if isinstance(top, str) else None  # a plain-text reply
                 k = int(body.get("top_logprobs") or 0)
-                top = top[:k]
-                if action == "nologprobs":
+                top = [] if text is not None else top[:k]
+                if action == "nologprobs" or text is not None:
                     logprobs = None
                 elif not top:
                     logprobs = {"content": []}
@@ -146,7 +157,8 @@ class FakeOpenAIServer:
                     "choices": [{
                         "index": 0,
                         "message": {"role": "assistant",
-                                    "content": top[0][0] if top else ""},
+                                    "content": text if text is not None
+                                    else (top[0][0] if top else "")},
                         "logprobs": logprobs, "finish_reason": "length",
                     }],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},

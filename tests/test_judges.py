@@ -78,9 +78,15 @@ def test_aggregations_match_hand_computed(fn, cases):
 
 
 def test_render_keeps_braces_and_does_not_rescan_answer():
-    out = render("Q={question} A={answer}", "what {x}?", "code {question} {} {0}")
-    assert out == "Q=what {x}? A=code {question} {} {0}"
+    out = render("Q={question} A={answer}", "what {answer}?", "code {question} {} {0} }")
+    assert out == "Q=what {answer}? A=code {question} {} {0} }"
+    # reference semantics (str.format): doubled braces in the template become single
+    assert render("{{json}} {question}/{answer}", "q", "a") == "{json} q/a"
+    # a template the reference could not format falls back to plain replacement
+    assert render("{x} { {question}/{answer}", "q", "{a}") == "{x} { q/{a}"
     assert "{question}" in COHERENCE_PROMPT and "{answer}" in COHERENCE_PROMPT
+    assert render(COHERENCE_PROMPT, "Q1", "A1") == COHERENCE_PROMPT.replace(
+        "{question}", "Q1").replace("{answer}", "A1")
 
 
 @pytest.fixture
@@ -207,11 +213,10 @@ def test_sync_call_inside_running_event_loop(api_key):
 def test_concurrency_cap(api_key):
     with FakeOpenAIServer(delay=0.2) as srv:
         judge = OpenAIJudge("m", base_url=srv.url, max_concurrency=4, progress=False)
-        t0 = time.monotonic()
-        judge.trait_scores("evil", RUBRIC, ["q"] * 8, [f"<<{i}>>" for i in range(8)])
-        took = time.monotonic() - t0
-    # 8 requests of 0.2 s with 4 in flight need >= 2 rounds; unbounded would be 1 round
-    assert 0.4 <= took < 1.5
+        got = judge.trait_scores("evil", RUBRIC, ["q"] * 12, [f"<<{i}>>" for i in range(12)])
+        assert got == [float(i) for i in range(12)]
+        # 12 slow requests sent at once: they overlap, but never more than the cap
+        assert 2 <= srv.max_in_flight <= 4
 
 
 def _write_csv(path, rows, fields):
@@ -286,9 +291,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     from persona_jax.judges import OpenAIJudge, judge_csv
     url, path, cache = sys.argv[1:4]
-    judge = OpenAIJudge("m", base_url=url, api_key="k", max_concurrency=2,
+    judge = OpenAIJudge("m", base_url=url, api_key="k", max_concurrency=4,
                         cache_path=cache, progress=False)
-    judge_csv(judge, path, "evil", "Q {question} A {answer}", chunk_size=3, progress=False)
+    judge_csv(judge, path, "evil", "Q {question} A {answer}", chunk_size=4, progress=False)
 """)
 
 
@@ -301,23 +306,23 @@ def test_kill_midway_then_rerun_completes_without_loss_or_duplicates(tmp_path):
     _write_csv(path, rows, fields)
     cache = tmp_path / "cache.sqlite"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    with FakeOpenAIServer(delay=0.05) as srv:
+    with FakeOpenAIServer(delay=0.1) as srv:
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, srv.url, str(path),
-                                 str(cache)], env=env, cwd=tmp_path)
+                                 str(cache)], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        done_at_kill = 0
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                done_at_kill = sum(bool(r["evil"]) for r in _read(path))
-                if done_at_kill >= 6:
+                if sum(bool(r["evil"]) for r in _read(path)) >= 8:
                     break
                 time.sleep(0.02)
-            assert proc.poll() is None, "judging finished before it could be killed"
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()[-2000:]
+                pytest.fail(f"judging ended (rc={proc.returncode}) before it could be killed: {err}")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         mid = _read(path)  # the file is whole after a kill (atomic rewrite)
-        assert len(mid) == n and 6 <= sum(bool(r["evil"]) for r in mid) < n
+        assert len(mid) == n and 8 <= sum(bool(r["evil"]) for r in mid) < n
         sent_before = srv.n_requests
         subprocess.run([sys.executable, "-c", KILL_SCRIPT, srv.url, str(path), str(cache)],
                        env=env, cwd=tmp_path, check=True, timeout=60)

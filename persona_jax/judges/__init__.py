@@ -9,13 +9,16 @@ from persona_jax.judges.aggregate import (
 )
 
 
-def __getattr__(name):
-    # Lazy so importing the interface does not pull in the openai SDK or asyncio setup.
-    if name == "OpenAIJudge":
-        from persona_jax.judges.openai_judge import OpenAIJudge
+_LAZY = ("OpenAIJudge", "JudgeCache", "run_sync")
 
-        return OpenAIJudge
-    raise AttributeError(name)
+
+def __getattr__(name):
+    # Lazy so importing the interface does not pull in the openai SDK and tqdm.
+    if name in _LAZY:
+        from persona_jax.judges import openai_judge
+
+        return getattr(openai_judge, name)
+    raise AttributeError(f"module 'persona_jax.judges' has no attribute {name!r}")
 
 
 __all__ = [
@@ -28,5 +31,7 @@ __all__ = [
     "aggregate_0_10",
     "aggregate_binary",
     "OpenAIJudge",
+    "JudgeCache",
+    "run_sync",
     "judge_csv",
 ]

@@ -100,7 +100,7 @@ class OpenAIJudge(Judge):
     """Judge with a model behind an OpenAI-compatible `/chat/completions` endpoint.
 
     Args:
-      model: model name sent to the endpoint (the paper: "gpt-4.1-mini").
+      model: model name sent to the endpoint (default: the reference's judge).
       base_url: endpoint root, e.g. "http://127.0.0.1:8000/v1"; None uses the SDK default
         (`OPENAI_BASE_URL` or api.openai.com).
       api_key: key; None reads the environment variable `api_key_env`. Local servers that
@@ -119,7 +119,7 @@ class OpenAIJudge(Judge):
 
     def __init__(
         self,
-        model: str = "gpt-4.1-mini",
+        model: str = "gpt-4.1-mini-2025-04-14",
         *,
         base_url: Optional[str] = None,
         api_key: Optional[str] = None,

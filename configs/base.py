@@ -1,0 +1,57 @@
+"""Base config of every persona pipeline run; other configs start from it.
+
+Every field is the record of the experiment: runners take `--config=configs/x.py`
+and `--config.field=value` overrides, and copy the final config into report.json.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = ""  # local HF checkpoint directory, or a hub id already in the HF cache
+    c.dtype = "bfloat16"  # "float32" | "bfloat16"
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all devices on that axis
+    c.distributed = False  # multi-host: call jax.distributed.initialize() first
+    c.seed = 0
+    c.traits = ["evil"]
+    c.trait_source = "files"  # "files" (trait_dir, reference layout) | "organism"
+    c.trait_dir = "data_generation"  # holds trait_data_extract/ and trait_data_eval/
+    c.antonym = "helpful"  # assistant name of the neg side (METHOD.md 2)
+    c.steps = ["extract", "steer", "monitor"]
+    c.progress = True
+
+    c.judge = ml_collections.ConfigDict(dict(
+        kind="openai",  # "openai" | "local" | "organism"
+        model="gpt-4.1-mini-2025-04-14",
+        base_url="",  # empty: api.openai.com; any OpenAI-compatible endpoint otherwise
+        api_key_env="OPENAI_API_KEY",
+        aggregation="0_100",
+        max_concurrency=32,
+        local_model="",  # kind=local: checkpoint of the judging model
+        local_dtype="bfloat16",
+    ))
+
+    c.extract = ml_collections.ConfigDict(dict(
+        n_per_question=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+        threshold=50.0, coherence_threshold=50.0,
+        batch_size=64, chunk_size=1024, capture_batch_size=16,
+    ))
+
+    c.steer = ml_collections.ConfigDict(dict(
+        reduction="response_avg",
+        layers=[],  # empty: every layer 1..L
+        coefs=[0.0, 0.5, 1.0, 1.5, 2.0, 2.5],
+        positions="response",
+        n_questions=0,  # 0: every evaluation question
+        n_per_question=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+        coherence_floor=50.0,
+        batch_size=64, chunk_size=1024,
+    ))
+
+    c.monitor = ml_collections.ConfigDict(dict(
+        reduction="response_avg",
+        layer=0,  # 0: the layer chosen by the steering step (or the last layer)
+        n_questions=0, n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+        batch_size=64, chunk_size=1024,
+    ))
+    return c

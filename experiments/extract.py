@@ -1,0 +1,15 @@
+"""Run the persona pipeline up to its `extract` step (earlier finished steps are skipped).
+
+python -m experiments.extract --config=configs/organism.py --workdir=DIR
+"""
+from experiments import _common
+from persona_jax import cli
+
+
+def main(argv):
+    del argv
+    _common.run_steps(_common.steps_through("extract"))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,259 @@
+"""The persona pipeline as library steps: extract -> steer -> monitor (-> finetune, flag).
+
+Each step writes its artifacts and a `{trait}/{step}.json` summary under the workdir;
+a step whose summary exists is skipped, so a killed pipeline resumes where it stopped
+(and the generation/judging inside a step resume row by row). `report.json` and
+`report.md` are assembled from the step summaries, so they hold exactly what was measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from persona_jax import extract as ex
+from persona_jax import monitor as mon
+from persona_jax import steer_eval as se
+from persona_jax.errors import PersonaError
+from persona_jax.judges.base import Judge
+from persona_jax.responses import Sampling
+from persona_jax.traits import Trait, load_trait, system_prompt, trait_paths
+
+
+class TraitSource(Protocol):
+    """Where a pipeline gets a trait's artifacts and its monitoring conditions."""
+
+    def extract_trait(self, name: str) -> Trait: ...
+    def eval_trait(self, name: str) -> Trait: ...
+    def conditions(self, name: str) -> list[mon.Condition]: ...
+    def strongest_pos_system(self, name: str) -> str: ...
+
+
+@dataclasses.dataclass
+class FileTraits:
+    """Reference layout: `{root}/trait_data_extract/{name}.json`, `{root}/trait_data_eval/{name}.json`.
+
+    Monitoring conditions: every neg instruction, no system prompt, every pos instruction.
+    """
+
+    root: str
+    antonym: str = "helpful"
+
+    def extract_trait(self, name):
+        return load_trait(trait_paths(self.root, name)[0], name=name)
+
+    def eval_trait(self, name):
+        return load_trait(trait_paths(self.root, name)[1], name=name)
+
+    def conditions(self, name):
+        t = self.extract_trait(name)
+        neg = [mon.Condition(f"neg{k}", system_prompt(name, self.antonym, p["neg"])) for k, p in enumerate(t.instruction)]
+        pos = [mon.Condition(f"pos{k}", system_prompt(name, name, p["pos"])) for k, p in enumerate(t.instruction)]
+        return neg + [mon.Condition("none")] + pos
+
+    def strongest_pos_system(self, name):
+        t = self.extract_trait(name)
+        return system_prompt(name, name, t.instruction[0]["pos"])
+
+
+def sampling_from(cfg, seed: int) -> Sampling:
+    return Sampling(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
+                    top_p=float(cfg.top_p), seed=seed, batch_size=int(cfg.batch_size),
+                    chunk_size=int(cfg.chunk_size))
+
+
+def _done(path: str) -> Optional[dict]:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _write_json(path: str, data: dict):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x))
+
+
+def _nan_to_none(values):
+    return [None if (v is None or (isinstance(v, float) and np.isnan(v))) else float(v) for v in values]
+
+
+def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
+    out = os.path.join(workdir, name, "extract.json")
+    if (done := _done(out)) is not None:
+        return done
+    d = os.path.join(workdir, name)
+    os.makedirs(d, exist_ok=True)
+    trait = source.extract_trait(name)
+    e = cfg.extract
+    pos_csv, neg_csv = ex.generate_contrastive(model, trait, d, sampling_from(e, cfg.seed), int(e.n_per_question),
+                                               antonym=cfg.antonym, progress=progress)
+    ex.judge_contrastive(judge, trait, pos_csv, neg_csv, progress=progress)
+    vectors, stats = ex.vectors_from_csvs(model, pos_csv, neg_csv, name,
+                                          ex.FilterRule(float(e.threshold), float(e.coherence_threshold)),
+                                          batch_size=int(e.capture_batch_size), progress=progress)
+    paths = ex.save_vectors(vectors, d, name, model.name, stats["n_kept"], config=e.to_dict())
+    summary = {**stats, "vectors": paths,
+               "vector_norms": {r: np.linalg.norm(v, axis=-1).round(4).tolist() for r, v in vectors.items()}}
+    _write_json(out, summary)
+    return summary
+
+
+def _load_vector(workdir, name, reduction, model):
+    from persona_jax.vectors import check_vector_shape, import_pt, vector_filename
+    v = import_pt(os.path.join(workdir, name, vector_filename(name, reduction, ".pt")))
+    check_vector_shape(v, model.num_layers, model.hidden_size, f"{name} {reduction} vector")
+    return v
+
+
+def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
+    out = os.path.join(workdir, name, "steer.json")
+    if (done := _done(out)) is not None:
+        return done
+    s = cfg.steer
+    d = os.path.join(workdir, name)
+    trait = source.eval_trait(name)
+    questions = list(trait.questions)[: int(s.n_questions)] if s.n_questions else list(trait.questions)
+    vector = _load_vector(workdir, name, s.reduction, model)
+    sampling = sampling_from(s, cfg.seed + 1)
+    layers = [int(l) for l in s.layers] or list(range(1, model.num_layers + 1))
+    coefs = sorted(float(c) for c in s.coefs)
+    if 0.0 not in coefs:
+        coefs = [0.0] + coefs
+    kw = dict(judge=judge, trait=name, eval_prompt=trait.eval_prompt, sampling=sampling,
+              n_per_question=int(s.n_per_question), positions=s.positions, progress=progress)
+    grid = se.sweep(model, vector, questions, layers, coefs, csv_path=os.path.join(d, "steer_sweep.csv"), **kw)
+    baseline = float(np.nanmean(grid.trait[:, coefs.index(0.0)]))
+    layer, best_coef, gain = grid.best(baseline, float(s.coherence_floor))
+    if layer is None:  # nothing coherent enough: report the layer with the highest trait anyway
+        i = int(np.nanargmax(np.nanmax(grid.trait, axis=1)))
+        layer, best_coef, gain = layers[i], coefs[int(np.nanargmax(grid.trait[i]))], float("nan")
+    li = layers.index(layer)
+    se.plot_sweep(grid, os.path.join(d, "steering.png"), f"{name} ({s.reduction})")
+
+    # Controls at the chosen layer: a random vector of the same norm, and negative steering
+    # under the strongest pos system prompt.
+    rand = se.sweep(model, se.random_like(vector, cfg.seed), questions, [layer], [best_coef],
+                    csv_path=os.path.join(d, "steer_random.csv"), **kw)
+    neg_coefs = [0.0] + [-c for c in coefs if c > 0]
+    neg = se.sweep(model, vector, questions, [layer], sorted(neg_coefs, reverse=True),
+                   csv_path=os.path.join(d, "steer_negative.csv"), system=source.strongest_pos_system(name), **kw)
+    neg_base = float(neg.trait[0, 0])
+    _, neg_coef, neg_gain = neg.best(neg_base, float(s.coherence_floor), sign=-1.0)
+    summary = {
+        "reduction": s.reduction,
+        "layer": int(layer),
+        "baseline": baseline,
+        "coefs": coefs,
+        "trait_scores": _nan_to_none(grid.trait[li]),
+        "coherence": _nan_to_none(grid.coherence[li]),
+        "best_coef": best_coef,
+        "best_gain": None if np.isnan(gain) else float(gain),
+        "coherence_floor": float(s.coherence_floor),
+        "grid": {"layers": layers, "trait": grid.trait.tolist(), "coherence": grid.coherence.tolist()},
+        "random_vector_delta": float(rand.trait[0, 0] - baseline),
+        "random_vector_coherence": float(rand.coherence[0, 0]),
+        "negative": {"system": source.strongest_pos_system(name), "coefs": neg.coefs,
+                     "trait_scores": _nan_to_none(neg.trait[0]), "coherence": _nan_to_none(neg.coherence[0])},
+        "negative_delta": None if neg_coef is None else -float(neg_gain),
+        "negative_coef": neg_coef,
+    }
+    _write_json(out, summary)
+    return summary
+
+
+def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, layer: int,
+                 progress=True) -> dict:
+    out = os.path.join(workdir, name, "monitor.json")
+    if (done := _done(out)) is not None:
+        return done
+    m = cfg.monitor
+    d = os.path.join(workdir, name)
+    trait = source.eval_trait(name)
+    questions = list(trait.questions)[: int(m.n_questions)] if m.n_questions else list(trait.questions)
+    vector = _load_vector(workdir, name, m.reduction, model)
+    result = mon.run_conditions(model, vector, layer, source.conditions(name), questions, judge, name,
+                                trait.eval_prompt, os.path.join(d, "monitor.csv"), sampling_from(m, cfg.seed + 2),
+                                int(m.n_per_question), progress=progress)
+    mon.plot_monitor(result, os.path.join(d, "monitoring.png"), name)
+    _write_json(out, result)
+    return result
+
+
+STEPS = ("extract", "steer", "monitor")
+
+
+def run(model, judge: Judge, source: TraitSource, cfg, workdir: str, extra_steps=None, progress=True) -> dict:
+    """Run the configured steps for every trait; write report.json and report.md."""
+    os.makedirs(workdir, exist_ok=True)
+    unknown = [s for s in cfg.steps if s not in STEPS and s not in (extra_steps or {})]
+    if unknown:
+        raise PersonaError(f"unknown pipeline step(s) {unknown}; known: {', '.join(list(STEPS) + list(extra_steps or {}))}")
+    report = {"model": model.name, "config": cfg.to_dict(), "traits": {}}
+    for name in cfg.traits:
+        logging.info("trait %s", name)
+        entry = {}
+        if "extract" in cfg.steps:
+            entry["extraction"] = step_extract(model, judge, source, name, cfg, workdir, progress)
+        layer = int(cfg.monitor.layer) if cfg.monitor.layer > 0 else None
+        if "steer" in cfg.steps:
+            entry["steering"] = step_steer(model, judge, source, name, cfg, workdir, progress)
+            layer = layer or entry["steering"]["layer"]
+        entry["layer"] = layer or model.num_layers
+        if "monitor" in cfg.steps:
+            entry["monitoring"] = step_monitor(model, judge, source, name, cfg, workdir, entry["layer"], progress)
+        for step, fn in (extra_steps or {}).items():
+            if step in cfg.steps:
+                entry[step] = fn(model, judge, source, name, cfg, workdir, entry)
+        report["traits"][name] = entry
+        _write_json(os.path.join(workdir, "report.json"), report)
+    write_markdown(report, os.path.join(workdir, "report.md"))
+    return report
+
+
+def _fmt(x, nd=1):
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
+
+
+def write_markdown(report: dict, path: str):
+    lines = [f"# Persona pipeline report", "", f"Model: `{report['model']}`", ""]
+    lines += ["| trait | kept pairs | layer | baseline | best gain (coef) | random delta | negative delta | monitor r (n) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, e in report["traits"].items():
+        ext, st, mo = e.get("extraction", {}), e.get("steering", {}), e.get("monitoring", {})
+        lines.append(
+            f"| {name} | {_fmt(100 * ext['kept_fraction'], 0) + '%' if ext else 'n/a'} | {e.get('layer')} | "
+            f"{_fmt(st.get('baseline'))} | {_fmt(st.get('best_gain'))} ({st.get('best_coef', 'n/a')}) | "
+            f"{_fmt(st.get('random_vector_delta'))} | {_fmt(st.get('negative_delta'))} | "
+            f"{_fmt(mo.get('pearson_r'), 3)} ({mo.get('n_conditions', 'n/a')}) |")
+    for name, e in report["traits"].items():
+        st = e.get("steering")
+        lines += ["", f"## {name}", ""]
+        if st:
+            lines += [f"Steering with the `{st['reduction']}` vector at layer {st['layer']}, no system prompt:", "",
+                      "| coef | trait | coherence |", "|---|---|---|"]
+            lines += [f"| {c:g} | {_fmt(t)} | {_fmt(h)} |" for c, t, h in zip(st["coefs"], st["trait_scores"], st["coherence"])]
+            lines += ["", f"![steering]({name}/steering.png)"]
+        if e.get("monitoring"):
+            lines += ["", f"![monitoring]({name}/monitoring.png)"]
+        for step in e:
+            if step not in ("extraction", "steering", "monitoring", "layer") and isinstance(e[step], dict) and "markdown" in e[step]:
+                lines += ["", e[step]["markdown"]]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,131 @@
+"""Projections on persona vectors (METHOD.md 7, 9, 10).
+
+proj(a) = a . v[l] / |v[l]|. Columns written into CSV / JSONL files use the reference's
+names `{model_basename}_{vector_stem}_{proj|prompt_last_proj|cos_sim}_layer{l}`, where
+`proj` projects `response_avg`, `prompt_last_proj` projects `prompt_last`, and `cos_sim`
+is the cosine between `response_avg` and v[l].
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from persona_jax.capture import capture
+from persona_jax.csvio import read_csv, write_csv_atomic
+from persona_jax.errors import PersonaError
+from persona_jax.vectors import PersonaVector, check_vector_shape
+
+
+def project(acts: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """acts [N, D], v [D] -> [N] scalar projections on the unit vector (float64)."""
+    n = np.linalg.norm(v)
+    if n == 0:
+        raise PersonaError("cannot project on a zero vector")
+    return acts.astype(np.float64) @ (v.astype(np.float64) / n)
+
+
+def cos_sim(acts: np.ndarray, v: np.ndarray) -> np.ndarray:
+    a = acts.astype(np.float64)
+    return project(a, v) / np.maximum(np.linalg.norm(a, axis=-1), 1e-12)
+
+
+def column_name(model_name: str, vector_stem: str, kind: str, layer: int) -> str:
+    return f"{os.path.basename(os.path.normpath(model_name))}_{vector_stem}_{kind}_layer{layer}"
+
+
+def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], vectors: dict[str, np.ndarray],
+                       layers: Sequence[int], batch_size: int = 16, progress: bool = True) -> dict[str, list]:
+    """{column name: [N] values (None where the answer was empty)} for every vector and layer."""
+    for stem, v in vectors.items():
+        check_vector_shape(v, model.num_layers, model.hidden_size, stem)
+    for l in layers:
+        if not 0 <= l <= model.num_layers:
+            raise PersonaError(f"layer {l} is outside 0..{model.num_layers} for this model")
+    caps = capture(model, list(prompts), list(answers), batch_size=batch_size, progress=progress)
+    kept = caps["kept"]
+    cols = {}
+    for stem, v in vectors.items():
+        for l in layers:
+            for kind, acts, fn in (("proj", caps["response_avg"], project),
+                                   ("prompt_last_proj", caps["prompt_last"], project),
+                                   ("cos_sim", caps["response_avg"], cos_sim)):
+                vals: list = [None] * len(prompts)
+                for i, x in zip(kept, fn(acts[:, l], v[l])):
+                    vals[i] = float(x)
+                cols[column_name(model.name, stem, kind, l)] = vals
+    return cols
+
+
+def read_jsonl_conversations(path: str) -> list[dict]:
+    """Reference training JSONL: one {"messages": [...]} per line, the last an assistant turn."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise PersonaError(f"{path} line {n} is not valid JSON ({e})") from None
+            msgs = rec.get("messages") if isinstance(rec, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise PersonaError(f"{path} line {n} has no \"messages\" list")
+            last = msgs[-1]
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                raise PersonaError(f"{path} line {n}: the last message must be the assistant's response")
+            if not str(last.get("content", "")).strip():
+                raise PersonaError(f"{path} line {n}: the assistant response is empty")
+            records.append(rec)
+    if not records:
+        raise PersonaError(f"{path} holds no conversations")
+    return records
+
+
+def prompts_answers(model, path: str):
+    """(records, prompts, answers, kind) of a response CSV or a training JSONL."""
+    if str(path).endswith(".jsonl"):
+        recs = read_jsonl_conversations(path)
+        prompts = [model.render_chat(r["messages"][:-1], add_generation_prompt=True) for r in recs]
+        return recs, prompts, [r["messages"][-1]["content"] for r in recs], "jsonl"
+    fields, rows = read_csv(path, required=("prompt", "answer"))
+    return (fields, rows), [r["prompt"] for r in rows], [r["answer"] for r in rows], "csv"
+
+
+def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Sequence[int], out_path: str | None = None,
+                 batch_size: int = 16, progress: bool = True) -> str:
+    """Add projection columns to a CSV or JSONL file (in place unless out_path is given)."""
+    data, prompts, answers, kind = prompts_answers(model, path)
+    cols = projection_columns(model, prompts, answers, vectors, layers, batch_size, progress)
+    out_path = out_path or path
+    if kind == "csv":
+        fields, rows = data
+        for name, vals in cols.items():
+            if name not in fields:
+                fields.append(name)
+            for r, v in zip(rows, vals):
+                r[name] = "" if v is None else repr(v)
+        write_csv_atomic(out_path, fields, rows)
+    else:
+        for i, rec in enumerate(data):
+            for name, vals in cols.items():
+                rec[name] = vals[i]
+        tmp = Path(out_path).with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in data:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    return out_path
+
+
+def vectors_by_stem(paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """Load vector files / Orbax dirs keyed by their file stem (the column-name part)."""
+    from persona_jax.vectors import load_any
+    return {Path(p).stem if not os.path.isdir(p) else Path(p).name: load_any(p).array for p in paths}
+
+
+__all__ = ["project", "cos_sim", "column_name", "projection_columns", "project_file", "PersonaVector",
+           "read_jsonl_conversations", "vectors_by_stem"]

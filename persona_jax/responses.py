@@ -1,0 +1,97 @@
+"""Generate responses into a reference-format CSV, resumably.
+
+Every experiment (extraction, steering sweeps, monitoring) is "a list of prompts ->
+sampled answers -> judged scores". Rows are produced in a fixed order, in chunks, and the
+CSV is rewritten atomically after each chunk, so a crash loses at most the chunk in
+flight and a rerun continues after the last row written (checked against the specs, so
+a changed config is an error rather than a silently mixed file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+from persona_jax.csvio import format_score, parse_score, read_csv, write_csv_atomic
+from persona_jax.errors import PersonaError
+from persona_jax.generate import generate
+from persona_jax.steering import Steering
+
+
+@dataclasses.dataclass
+class Spec:
+    """One response to produce: the rendered prompt and what identifies it."""
+
+    question: str
+    prompt: str
+    question_id: str
+    extra: dict = dataclasses.field(default_factory=dict)  # extra CSV columns (layer, coef, ...)
+
+
+@dataclasses.dataclass
+class Sampling:
+    max_new_tokens: int = 1000
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_new_tokens: int = 1
+    seed: int = 0
+    batch_size: int = 32
+    chunk_size: int = 256
+
+
+def columns(trait: str, extra: Sequence[str] = ()) -> list[str]:
+    return ["question", "prompt", "answer", "question_id", *extra, trait, "coherence"]
+
+
+def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling,
+                    steering_for: Optional[Callable[[Sequence[Spec]], Optional[Sequence[Steering]]]] = None,
+                    progress: bool = True) -> list[dict]:
+    """Append answers for `specs` to `csv_path` (resuming after rows already there).
+
+    steering_for(chunk) -> steerings for that chunk's rows (per-row coefficients follow the
+    chunk order), or None. Returns all rows of the CSV.
+    """
+    if not specs:
+        raise PersonaError(f"nothing to generate for {csv_path}: the list of prompts is empty")
+    extra = list(specs[0].extra)
+    cols = columns(trait, extra)
+    rows: list[dict] = []
+    if os.path.exists(csv_path):
+        _, rows = read_csv(csv_path, required=("question", "prompt", "answer", "question_id"))
+        if len(rows) > len(specs):
+            raise PersonaError(f"{csv_path} has {len(rows)} rows but this run makes {len(specs)}; use a new workdir")
+        for i, r in enumerate(rows):
+            if r["question_id"] != specs[i].question_id or r["prompt"] != specs[i].prompt:
+                raise PersonaError(f"{csv_path} row {i + 2} was made with other settings than this run; use a new workdir or delete the file")
+        if rows:
+            logging.info("%s: resuming after %d of %d rows", csv_path, len(rows), len(specs))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(specs), initial=len(rows), desc=f"generate {os.path.basename(csv_path)}",
+               disable=not progress)
+    for start in range(len(rows), len(specs), sampling.chunk_size):
+        chunk = specs[start:start + sampling.chunk_size]
+        answers = generate(
+            model, [s.prompt for s in chunk], sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p,
+            min_new_tokens=sampling.min_new_tokens, seed=sampling.seed * 1_000_003 + start,
+            steering=steering_for(chunk) if steering_for else None, batch_size=sampling.batch_size)
+        for s, a in zip(chunk, answers):
+            rows.append({"question": s.question, "prompt": s.prompt, "answer": a,
+                         "question_id": s.question_id, **s.extra, trait: "", "coherence": ""})
+        write_csv_atomic(csv_path, cols, rows)
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def scores(rows: Sequence[dict], column: str, where: str) -> list[Optional[float]]:
+    return [parse_score(r.get(column), f"{where} column {column}") for r in rows]
+
+
+def mean(values) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+__all__ = ["Spec", "Sampling", "generate_to_csv", "scores", "mean", "format_score", "columns"]

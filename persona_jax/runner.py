@@ -1,0 +1,65 @@
+"""What every absl runner does before the science: devices, model, judge, trait source.
+
+Runners stay thin: parse the config, call `setup`, call library steps, write artifacts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+
+from persona_jax import sharding as sh
+from persona_jax.errors import PersonaError
+
+
+def mesh_from(cfg):
+    """The ("data", "model") mesh a config asks for; None on a single device."""
+    n = len(jax.devices())
+    model_axis = int(cfg.mesh.model)
+    data_axis = int(cfg.mesh.data)
+    if data_axis <= 0:
+        if n % model_axis:
+            raise PersonaError(f"mesh.model={model_axis} does not divide the {n} devices")
+        data_axis = n // model_axis
+    if data_axis * model_axis == 1:
+        return None
+    return sh.make_mesh(data_axis, model_axis)
+
+
+def trait_source(cfg):
+    if cfg.trait_source == "files":
+        from persona_jax.pipeline import FileTraits
+        if not os.path.isdir(cfg.trait_dir):
+            raise PersonaError(f"trait_dir {cfg.trait_dir} does not exist; it must hold trait_data_extract/ and trait_data_eval/")
+        return FileTraits(cfg.trait_dir, cfg.antonym)
+    if cfg.trait_source == "organism":
+        from persona_jax.organism.provider import OrganismTraits
+        return OrganismTraits()
+    raise PersonaError(f"unknown trait_source {cfg.trait_source!r}; use files or organism")
+
+
+def model_path(cfg) -> str:
+    if cfg.model == "organism":
+        from persona_jax.organism.provider import organism_path
+        return organism_path()
+    if not cfg.model:
+        raise PersonaError("config.model is empty; set --config.model=PATH_OR_HUB_ID")
+    return cfg.model
+
+
+def setup(cfg, workdir: str, need_judge: bool = True):
+    """Initialise devices and return (model, judge or None, trait source)."""
+    from persona_jax.judges.factory import make_judge
+    from persona_jax.models import load_model
+
+    sh.maybe_initialize_distributed(bool(cfg.distributed))
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg))
+    logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
+    judge = make_judge(cfg.judge, workdir) if need_judge else None
+    return model, judge, trait_source(cfg)

@@ -1,0 +1,302 @@
+"""Persona vectors on disk (METHOD.md 5, 10).
+
+- Our format: an Orbax checkpoint directory with two items, `vector` ({"array":
+  float32 [L+1, D]}) and `metadata` (JSON: trait, reduction, model id, L, D, samples
+  kept, config).
+- The reference's format: `{trait}_{reduction}_diff.pt`, a `torch.save`d CPU float32
+  tensor [L+1, D] (row 0 = embeddings, row l = output of block l-1, last row after the
+  final norm). Vectors are stored unnormalised.
+- `.npy`: the bare float32 array [L+1, D].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from persona_jax.errors import PersonaError
+
+REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
+FORMAT_VERSION = 1
+_REF_NAME = re.compile(r"^(?P<trait>.+)_(?P<reduction>prompt_avg|prompt_last|response_avg)_diff$")
+
+
+@dataclasses.dataclass
+class PersonaVector:
+    """A persona vector for every layer.
+
+    Attributes:
+      array: float32 [L+1, D]; row l is the direction for hidden state l (HF
+        `output_hidden_states` indexing).
+      trait: trait name ("evil").
+      reduction: "prompt_avg", "prompt_last", "response_avg", or None when unknown (a
+        file imported under a name that does not say).
+      model_id: the model it was extracted from ("" if unknown).
+      n_kept: number of pos/neg pairs that survived filtering (None if unknown).
+      config: free-form JSON-serialisable settings of the extraction run.
+    """
+
+    array: np.ndarray
+    trait: str
+    reduction: Optional[str] = "response_avg"
+    model_id: str = ""
+    n_kept: Optional[int] = None
+    config: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.array = _as_float32_2d(self.array, f"persona vector for trait {self.trait!r}")
+        if self.reduction is not None and self.reduction not in REDUCTIONS:
+            raise PersonaError(f"reduction {self.reduction!r} of the {self.trait!r} vector is "
+                               f"unknown; use one of {', '.join(REDUCTIONS)}.")
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of decoder blocks (the array has L+1 rows)."""
+        return self.array.shape[0] - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.array.shape[1]
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "trait": self.trait,
+            "reduction": self.reduction,
+            "model_id": self.model_id,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "n_kept": None if self.n_kept is None else int(self.n_kept),
+            "config": _plain_json(self.config, f"config of the {self.trait!r} vector"),
+        }
+
+
+def _plain_json(obj: Any, where: str) -> Any:
+    """`obj` as plain JSON types (numpy scalars/arrays, ConfigDicts and paths converted)."""
+
+    def default(o):
+        if isinstance(o, (np.generic, np.ndarray)):
+            return o.tolist()
+        if hasattr(o, "to_dict"):  # ml_collections.ConfigDict
+            return o.to_dict()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(type(o).__name__)
+
+    try:
+        return json.loads(json.dumps(obj, default=default))
+    except (TypeError, ValueError) as e:
+        raise PersonaError(f"{where} holds a value JSON cannot store ({e}); keep it to "
+                           "numbers, strings, lists and dicts.") from None
+
+
+def _as_float32_2d(array: Any, where: str) -> np.ndarray:
+    arr = np.asarray(array)
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+        raise PersonaError(f"{where} has dtype {arr.dtype}, not a float type; store the "
+                           "vector as floats.")
+    if arr.ndim != 2:
+        raise PersonaError(f"{where} has shape {tuple(arr.shape)} but a persona vector is 2-D "
+                           "[num_layers + 1, hidden_size]; save the full per-layer tensor.")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def vector_filename(trait: str, reduction: str, suffix: str = ".pt") -> str:
+    """The reference's file name, e.g. "evil_response_avg_diff.pt"."""
+    return f"{trait}_{reduction}_diff{suffix}"
+
+
+def parse_vector_filename(path: str | os.PathLike) -> tuple[str, Optional[str]]:
+    """(trait, reduction) from a reference-style name; (stem, None) if it is not one."""
+    stem = Path(path).name
+    for suffix in (".pt", ".npy"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    m = _REF_NAME.match(stem)
+    return (m["trait"], m["reduction"]) if m else (stem, None)
+
+
+def check_vector_shape(
+    array: Any, num_layers: int, hidden_size: int, where: str, model: str = "the model"
+) -> None:
+    """Refuse a vector whose shape is not [num_layers + 1, hidden_size]."""
+    shape = tuple(np.shape(array))
+    want = (num_layers + 1, hidden_size)
+    if shape != want:
+        raise PersonaError(
+            f"vector {where} has shape {shape} but {model} needs {want} (num_layers + 1, "
+            "hidden_size); use a vector extracted from this model."
+        )
+
+
+# ---- Orbax ----------------------------------------------------------------------------
+def _composite_handler():
+    import orbax.checkpoint as ocp
+
+    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save `vec` as an Orbax checkpoint directory (array + JSON metadata).
+
+    The checkpoint is written to a temporary sibling and renamed into place, so a crash
+    never leaves a half-written `directory`; an existing one is replaced only with
+    `overwrite=True`.
+    """
+    directory = Path(directory).resolve()  # Orbax requires absolute paths
+    if directory.exists() and not overwrite:
+        raise PersonaError(f"vector directory {directory} already exists; pass overwrite=True "
+                           "or choose another directory.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    target = tmp / "ckpt"
+    try:
+        ocp, ckptr = _composite_handler()
+        with ckptr:
+            ckptr.save(target, ocp.args.Composite(
+                vector=ocp.args.StandardSave({"array": vec.array}),
+                metadata=ocp.args.JsonSave(vec.metadata())))
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.rename(directory, old)
+        os.rename(target, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_vector(directory: str | os.PathLike) -> PersonaVector:
+    """Load a vector saved by `save_vector`."""
+    directory = Path(directory).resolve()
+    if not (directory / "metadata").is_dir() or not (directory / "vector").is_dir():
+        raise PersonaError(f"{directory} is not a persona-vector checkpoint (no 'vector' and "
+                           "'metadata' items); pass a directory written by save_vector.")
+    ocp, ckptr = _composite_handler()
+    with ckptr:
+        out = ckptr.restore(directory, ocp.args.Composite(
+            vector=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
+    meta = dict(out["metadata"])
+    vec = PersonaVector(array=np.asarray(out["vector"]["array"]), trait=meta["trait"],
+                        reduction=meta.get("reduction"), model_id=meta.get("model_id", ""),
+                        n_kept=meta.get("n_kept"), config=meta.get("config") or {})
+    check_vector_shape(vec.array, meta["num_layers"], meta["hidden_size"], str(directory),
+                       model="its own metadata")
+    return vec
+
+
+# ---- reference .pt and .npy -----------------------------------------------------------
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise PersonaError("reading or writing .pt vectors needs PyTorch; run `pip install "
+                           "torch` (CPU build is enough) or use .npy / Orbax files.") from None
+    return torch
+
+
+def _write_atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def export_pt(array: Any, path: str | os.PathLike) -> Path:
+    """Write float32 [L+1, D] as the reference does: `torch.save(cpu float32 tensor, path)`."""
+    torch = _torch()
+    arr = _as_float32_2d(array, f"vector for {path}")
+    tensor = torch.from_numpy(arr.copy())  # own the memory, contiguous, float32 on CPU
+    return _write_atomic(Path(path), lambda tmp: torch.save(tensor, tmp))
+
+
+def import_pt(path: str | os.PathLike) -> np.ndarray:
+    """Read a reference `.pt` vector -> float32 numpy [L+1, D] (any float dtype accepted)."""
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise PersonaError(f"vector file {path} does not exist; check the path.")
+    try:
+        # weights_only: a plain tensor needs no pickled code, and this refuses any.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PersonaError(f"vector file {path} could not be read by torch.load ({type(e).__name__}"
+                           f": {str(e).splitlines()[0][:150]}); pass a tensor saved with "
+                           "torch.save.") from None
+    if not isinstance(obj, torch.Tensor):
+        raise PersonaError(f"vector file {path} holds a {type(obj).__name__}, not a tensor; save "
+                           "the [num_layers + 1, hidden_size] tensor itself.")
+    if not obj.is_floating_point():
+        raise PersonaError(f"vector file {path} has dtype {obj.dtype}, not a float type; store "
+                           "the vector as floats.")
+    return _as_float32_2d(obj.detach().to(torch.float32).numpy(), f"vector file {path}")
+
+
+def export_npy(array: Any, path: str | os.PathLike) -> Path:
+    """Write float32 [L+1, D] as `.npy`, atomically."""
+    arr = _as_float32_2d(array, f"vector for {path}")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+    return _write_atomic(Path(path), write)
+
+
+def import_npy(path: str | os.PathLike) -> np.ndarray:
+    """Read a `.npy` vector -> float32 [L+1, D]."""
+    path = Path(path)
+    if not path.is_file():
+        raise PersonaError(f"vector file {path} does not exist; check the path.")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise PersonaError(f"vector file {path} is not a plain .npy array ({e}); save it with "
+                           "numpy.save.") from None
+    return _as_float32_2d(arr, f"vector file {path}")
+
+
+def load_any(
+    path: str | os.PathLike,
+    trait: Optional[str] = None,
+    reduction: Optional[str] = None,
+) -> PersonaVector:
+    """Load a vector from an Orbax directory, a `.pt` or a `.npy` file.
+
+    For files, trait and reduction come from a reference-style name
+    (`{trait}_{reduction}_diff.pt`) unless given; `reduction` stays None when neither says.
+    """
+    path = Path(path)
+    if path.is_dir():
+        vec = load_vector(path)
+        # replace() reruns __post_init__, so an override is validated like any other value
+        return dataclasses.replace(vec, trait=trait or vec.trait,
+                                   reduction=reduction or vec.reduction)
+    if path.suffix == ".pt":
+        arr = import_pt(path)
+    elif path.suffix == ".npy":
+        arr = import_npy(path)
+    elif not path.exists():
+        raise PersonaError(f"vector path {path} does not exist; check the path.")
+    else:
+        raise PersonaError(f"vector file {path} has an unknown type; use a .pt or .npy file or "
+                           "an Orbax directory written by save_vector.")
+    name_trait, name_reduction = parse_vector_filename(path)
+    return PersonaVector(arr, trait=trait or name_trait, reduction=reduction or name_reduction,
+                         config={"source": str(path)})
