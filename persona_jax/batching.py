@@ -37,12 +37,26 @@ def pad_rows(seqs: list[list[int]], length: int, pad_id: int, left: bool):
 
 
 def place(mesh, *arrays, batch_axis: int = 0):
-    """Put host arrays on device, batch split over the mesh's data axis."""
+    """Put host arrays on device, batch split over the mesh's data axis.
+
+    Every process holds the same host batch (inputs are made deterministically on every
+    host); each one copies only the shards its own devices hold, so this is also the
+    multi-host path (`jax.make_array_from_callback` builds the global array).
+    """
     if mesh is None:
         out = tuple(jax.device_put(a) for a in arrays)
     else:
-        out = tuple(jax.device_put(a, sh.data_sharding(mesh, np.ndim(a), batch_axis)) for a in arrays)
+        out = tuple(jax.make_array_from_callback(np.shape(a), sh.data_sharding(mesh, np.ndim(a), batch_axis),
+                                                 lambda idx, a=a: np.asarray(a)[idx]) for a in arrays)
     return out if len(out) > 1 else out[0]
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host) global array as one numpy array on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def grow_batch(n: int, multiple: int) -> int:

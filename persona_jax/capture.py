@@ -90,7 +90,7 @@ def capture(model, prompts: Sequence[str], responses: Sequence[str], batch_size:
         pl[: len(js)] = [len(p_ids[kept[j]]) for j in js]
         tl[: len(js)] = [len(full_ids[kept[j]]) for j in js]
         tokens, pl, tl = batching.place(model.mesh, tokens, pl, tl)
-        res = np.asarray(capture_arrays(model.config, model.params, tokens, pl, tl))
+        res = batching.to_host(capture_arrays(model.config, model.params, tokens, pl, tl))
         out[:, js] = res[:, : len(js)]
     result = {name: out[i] for i, name in enumerate(REDUCTIONS)}
     result["kept"] = np.asarray(kept)

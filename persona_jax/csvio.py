@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from persona_jax.errors import PersonaError
+from persona_jax.distributed import writer_only
 
 RESPONSE_COLUMNS = ("question", "prompt", "answer", "question_id")
 
@@ -65,6 +66,7 @@ def read_csv(
     return fieldnames, rows
 
 
+@writer_only
 def write_csv_atomic(
     path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[Mapping[str, object]]
 ) -> None:

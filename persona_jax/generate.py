@@ -216,7 +216,7 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
             model.config, model.params, tokens, mask, keys, jnp.float32(temperature),
             jnp.int32(top_k or 0), jnp.float32(top_p), jnp.int32(min_new_tokens),
             interventions, prefill_pos, decode_pos, sp=sp, cache_len=cache_len)
-        out, lengths = np.asarray(out), np.asarray(lengths)
+        out, lengths = batching.to_host(out), batching.to_host(lengths)
         for j, r in enumerate(rows):
             new_tokens[r] = out[j, : lengths[j]].tolist()
     texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]

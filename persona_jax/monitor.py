@@ -19,6 +19,7 @@ from persona_jax.judges.base import Judge, judge_csv
 from persona_jax.projection import project
 from persona_jax.responses import Sampling, Spec, generate_to_csv, mean, scores
 from persona_jax.steer_eval import conversation
+from persona_jax.distributed import writer_only
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ def run_conditions(model, vector: np.ndarray, layer: int, conditions: Sequence[C
     }
 
 
+@writer_only
 def plot_monitor(result: dict, path: str, title: str):
     import matplotlib
     matplotlib.use("Agg")

@@ -22,6 +22,7 @@ from persona_jax.errors import PersonaError
 from persona_jax.judges.base import Judge
 from persona_jax.responses import Sampling
 from persona_jax.traits import Trait, load_trait, system_prompt, trait_paths
+from persona_jax.distributed import writer_only
 
 
 class TraitSource(Protocol):
@@ -73,6 +74,7 @@ def _done(path: str) -> Optional[dict]:
     return None
 
 
+@writer_only
 def _write_json(path: str, data: dict):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -230,6 +232,7 @@ def _fmt(x, nd=1):
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
 
+@writer_only
 def write_markdown(report: dict, path: str):
     lines = [f"# Persona pipeline report", "", f"Model: `{report['model']}`", ""]
     lines += ["| trait | kept pairs | layer | baseline | best gain (coef) | random delta | negative delta | monitor r (n) |",

@@ -12,6 +12,7 @@ import numpy as np
 from persona_jax.judges.base import Judge, judge_csv
 from persona_jax.responses import Sampling, Spec, generate_to_csv, mean, scores
 from persona_jax.steering import Steering
+from persona_jax.distributed import writer_only
 
 
 def conversation(question: str, system: Optional[str] = None, prefix: Sequence[dict] = ()) -> list[dict]:
@@ -87,6 +88,7 @@ def random_like(vector: np.ndarray, seed: int = 0) -> np.ndarray:
     return r * np.linalg.norm(vector, axis=-1, keepdims=True)
 
 
+@writer_only
 def plot_sweep(result: SweepResult, path: str, title: str):
     import matplotlib
     matplotlib.use("Agg")

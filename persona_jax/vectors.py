@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from persona_jax.errors import PersonaError
+from persona_jax.distributed import writer_only
 
 REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
 FORMAT_VERSION = 1
@@ -218,6 +219,7 @@ def _write_atomic(path: Path, write) -> Path:
     return path
 
 
+@writer_only
 def export_pt(array: Any, path: str | os.PathLike) -> Path:
     """Write float32 [L+1, D] as the reference does: `torch.save(cpu float32 tensor, path)`."""
     torch = _torch()
@@ -248,6 +250,7 @@ def import_pt(path: str | os.PathLike) -> np.ndarray:
     return _as_float32_2d(obj.detach().to(torch.float32).numpy(), f"vector file {path}")
 
 
+@writer_only
 def export_npy(array: Any, path: str | os.PathLike) -> Path:
     """Write float32 [L+1, D] as `.npy`, atomically."""
     arr = _as_float32_2d(array, f"vector for {path}")

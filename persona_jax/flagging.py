@@ -1,0 +1,105 @@
+"""Flagging training data before training (METHOD.md 9): projection difference.
+
+For each (prompt, response) of a candidate dataset:
+  delta = proj(response_avg of the dataset response) - proj(response_avg of the base
+          model's own response to the same prompt)
+at the chosen layer, projections on the unit persona vector. The dataset mean of delta
+predicts how much fine-tuning on it will grow the trait; per sample, delta ranks samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from persona_jax.capture import capture
+from persona_jax.errors import PersonaError
+from persona_jax.generate import generate
+from persona_jax.projection import project, read_jsonl_conversations
+from persona_jax.vectors import check_vector_shape
+
+
+@dataclasses.dataclass
+class FlagResult:
+    delta: np.ndarray  # [N] projection difference (NaN where a response was empty)
+    dataset_proj: np.ndarray  # [N] raw projection of the dataset responses
+    base_proj: np.ndarray  # [N] projection of the base model's own responses
+    base_responses: list[str]
+
+    @property
+    def mean_delta(self) -> float:
+        return float(np.nanmean(self.delta))
+
+
+def projection_difference(model, records: Sequence[dict], vector: np.ndarray, layer: int, max_new_tokens: int = 256,
+                          temperature: float = 0.0, seed: int = 0, batch_size: int = 32,
+                          base_responses: Optional[Sequence[str]] = None, progress: bool = True) -> FlagResult:
+    """Projection difference of every conversation in `records` ({"messages": [...]})."""
+    check_vector_shape(vector, model.num_layers, model.hidden_size, "flagging vector")
+    if not 0 <= layer <= model.num_layers:
+        raise PersonaError(f"layer {layer} is outside 0..{model.num_layers} for this model")
+    prompts = [model.render_chat(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    answers = [r["messages"][-1]["content"] for r in records]
+    if base_responses is None:
+        base_responses = generate(model, prompts, max_new_tokens, temperature=temperature, seed=seed,
+                                  batch_size=batch_size, progress=progress)
+    out = {}
+    for name, resp in (("dataset", answers), ("base", list(base_responses))):
+        caps = capture(model, prompts, resp, batch_size=batch_size, progress=progress)
+        proj = np.full(len(prompts), np.nan)
+        proj[caps["kept"]] = project(caps["response_avg"][:, layer], vector[layer])
+        out[name] = proj
+    return FlagResult(out["dataset"] - out["base"], out["dataset"], out["base"], list(base_responses))
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    s = np.asarray(scores, float)
+    y = np.asarray(labels, bool)
+    ok = ~np.isnan(s)
+    s, y = s[ok], y[ok]
+    n_pos, n_neg = y.sum(), (~y).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise PersonaError("AUROC needs both flagged and clean samples")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def filter_jsonl(path: str, out_path: str, result: FlagResult, threshold: Optional[float] = None,
+                 drop_fraction: Optional[float] = None) -> dict:
+    """Write `path` without its most trait-teaching samples; returns what was dropped.
+
+    Drop samples with delta > threshold, or the top `drop_fraction` by delta.
+    """
+    records = read_jsonl_conversations(path)
+    if len(records) != len(result.delta):
+        raise PersonaError(f"{path} has {len(records)} samples but the flagging result has {len(result.delta)}")
+    d = np.nan_to_num(result.delta, nan=-np.inf)
+    if threshold is not None:
+        drop = d > threshold
+    elif drop_fraction is not None:
+        k = int(round(drop_fraction * len(d)))
+        drop = np.zeros(len(d), bool)
+        drop[np.argsort(-d, kind="stable")[:k]] = True
+    else:
+        raise PersonaError("filter_jsonl needs a threshold or a drop_fraction")
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec, dr in zip(records, drop):
+            if not dr:
+                f.write(json.dumps({"messages": rec["messages"]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return {"n": len(records), "dropped": int(drop.sum()), "kept": int((~drop).sum()),
+            "dropped_indices": np.flatnonzero(drop).tolist()}
