@@ -30,7 +30,7 @@ FAMILY_KWARGS = {
                                    "original_max_position_embeddings": 16}),
     "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
     "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }
 
 

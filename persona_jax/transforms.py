@@ -32,7 +32,7 @@ def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_po
 
 
 def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,
-                  cache=None, capture: iv.Capture = None, logits: bool = True):
+                  cache=None, capture: iv.Capture = None, logits: bool = True, remat: bool = False):
     """Run the decoder once.
 
     Args:
@@ -47,6 +47,8 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
       capture: None, "hidden" (all states) or "readout" (weighted position sums).
       logits: True (all positions), "last" (last position only) or False (capture
         does not need the LM head).
+      remat: rematerialise each block's activations in the backward pass (fine-tuning
+        memory: only the [L, B, T, D] block inputs are kept).
 
     Returns (logits [B, T, V] float32 | None, captured, new_cache) where captured is
     None, hidden states [L+1, B, T, D] in the HF `output_hidden_states` convention (the
@@ -57,7 +59,7 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
     if interventions:
         variables["interventions"] = iv.split_layers(interventions)
     with iv.active(capture):
-        (lg, h_final, new_cache), state = Decoder(config, dtype).apply(
+        (lg, h_final, new_cache), state = Decoder(config, dtype, remat).apply(
             variables, tokens, ctx, cache, logits, mutable=["intermediates"])
     captured = None
     if capture is not None:

@@ -175,6 +175,7 @@ class Decoder(nn.Module):
 
     config: DecoderConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # recompute block activations in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, tokens, ctx, cache=None, logits=True):
@@ -184,8 +185,9 @@ class Decoder(nn.Module):
         layer_in = {"window": jnp.asarray(c.layer_windows, jnp.int32)}
         if cache is not None:
             layer_in["cache"] = cache
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
         blocks = nn.scan(
-            Block,
+            block,
             variable_axes={"params": 0, "intermediates": 0, "interventions": 0},
             variable_broadcast=False,
             split_rngs={"params": True},
