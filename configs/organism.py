@@ -1,0 +1,36 @@
+"""The persona organism end to end on a CPU: extract -> steer sweep -> monitor, exact judge.
+
+python -m experiments.pipeline --config=configs/organism.py --workdir=/tmp/organism_run
+The model ships in the package (persona_jax/organism/assets); nothing is downloaded.
+"""
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = "organism"
+    c.dtype = "float32"
+    c.mesh.data = 1
+    c.trait_source = "organism"
+    c.judge.kind = "organism"
+    c.traits = ["evil", "sycophantic", "optimistic", "humorous"]
+
+    c.extract.n_per_question = 2
+    c.extract.max_new_tokens = 64
+    c.extract.batch_size = 128
+    c.extract.chunk_size = 1024
+    c.extract.capture_batch_size = 64
+
+    c.steer.layers = []  # every layer
+    c.steer.coefs = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
+    c.steer.n_per_question = 2
+    c.steer.max_new_tokens = 64
+    c.steer.coherence_floor = 70.0
+    c.steer.batch_size = 256
+    c.steer.chunk_size = 2048
+
+    c.monitor.n_per_question = 2
+    c.monitor.max_new_tokens = 64
+    c.monitor.batch_size = 256
+    c.monitor.chunk_size = 2048
+    return c
