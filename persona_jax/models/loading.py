@@ -56,16 +56,8 @@ class Model:
 
     def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
         """Chat template text for one conversation (list of {role, content})."""
-        tok = self.require_tokenizer()
-        if not getattr(tok, "chat_template", None):
-            raise PersonaError(
-                f"the tokenizer of {self.name} has no chat template; pass already rendered prompt strings, "
-                "or add a chat_template to tokenizer_config.json")
-        kwargs = {}
-        if "enable_thinking" in tok.chat_template:
-            kwargs["enable_thinking"] = False  # Qwen3: answer directly, as the method expects
-        return tok.apply_chat_template(messages, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt, **kwargs)
+        from persona_jax import chat
+        return chat.render(self.require_tokenizer(), messages, add_generation_prompt, where=self.name)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
