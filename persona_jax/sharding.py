@@ -7,6 +7,8 @@ axis does not divide stays replicated rather than failing.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -27,12 +29,25 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
         data = len(devices) // model
     if data * model > len(devices):
         raise PersonaError(f"a ({data}, {model}) mesh needs {data * model} devices; {len(devices)} are available")
+    used = {d.process_index for d in devices[: data * model]}
+    if len(used) < jax.process_count():
+        raise PersonaError(f"a ({data}, {model}) mesh holds devices of {len(used)} of the {jax.process_count()} "
+                           "processes; in a multi-host run the mesh must span every process (set mesh.data=-1 "
+                           "to use all devices)")
     return Mesh(np.array(devices[: data * model]).reshape(data, model), ("data", "model"))
 
 
 def maybe_initialize_distributed(enabled: bool, **kwargs):
-    """Multi-host runs call `jax.distributed.initialize()` once, before any other JAX call."""
+    """Multi-host runs call `jax.distributed.initialize()` once, before any other JAX call.
+
+    On Cloud TPU, SLURM, Open MPI and Kubernetes JAX finds the processes itself. Elsewhere
+    set JAX_COORDINATOR_ADDRESS (host:port of process 0, read by JAX), JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID in each process's environment; explicit kwargs win.
+    """
     if enabled:
+        for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if kwargs.get(key) is None and os.environ.get(var):
+                kwargs[key] = int(os.environ[var])
         jax.distributed.initialize(**kwargs)
 
 

@@ -172,7 +172,7 @@ def load_params(directory: str, config: DecoderConfig, dtype=jnp.float32, mesh: 
     if mesh is not None:
         shardings = sh.param_shardings(shapes, mesh)
     else:
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
 
     def leaf(path, sd, shd):
         stacked = str(getattr(path[0], "key", path[0])) == "layers"
