@@ -54,4 +54,25 @@ def get_config():
         n_questions=0, n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size=64, chunk_size=1024,
     ))
+
+    # METHOD.md 8: LoRA SFT, then shift / preventative / CAFT / post-hoc (step "finetune")
+    c.finetune = ml_collections.ConfigDict(dict(
+        reduction="response_avg",
+        datasets={},  # {label: path.jsonl} for real models; the organism writes its own
+        ratios=[0.0, 0.25, 0.5, 0.75, 1.0], n_train=2400,  # organism datasets
+        method="lora", lora_rank=32, lora_alpha=64.0, rslora=True,
+        lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        learning_rate=1e-5, warmup_steps=5, batch_size=2, grad_accum=8, num_steps=0,  # 0: one epoch
+        weight_decay=0.0, compute_dtype="bfloat16", remat=False, checkpoint_every=100,
+        max_length=2048, overflow="truncate",
+        preventative_coef=5.0, posthoc_coefs=[0.5, 1.0, 1.5, 2.0, 2.5], posthoc_positions="response",
+        coherence_floor=50.0,
+        n_questions=0, eval_n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+        batch_size_generate=64, chunk_size=1024, progress=True,
+    ))
+    # METHOD.md 9: projection difference on a candidate dataset (step "flagging")
+    c.flagging = ml_collections.ConfigDict(dict(
+        reduction="response_avg", dataset="", labels="", n=400, dataset_samples=400,
+        max_new_tokens=1000, temperature=0.0, batch_size=64,
+    ))
     return c

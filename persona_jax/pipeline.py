@@ -60,6 +60,23 @@ class FileTraits:
         t = self.extract_trait(name)
         return system_prompt(name, name, t.instruction[0]["pos"])
 
+    def finetune_datasets(self, name, out_dir, cfg):
+        """cfg.finetune.datasets: {label: path}; the trait fraction is unknown (NaN)."""
+        ds = dict(cfg.finetune.datasets)
+        if not ds:
+            raise PersonaError("the finetune step needs finetune.datasets = {label: path.jsonl} in the config")
+        return {label: (path, float("nan")) for label, path in ds.items()}
+
+    def flagging_dataset(self, name, out_dir, cfg):
+        """cfg.flagging.dataset (JSONL) with cfg.flagging.labels (a JSON list of 0/1)."""
+        if not cfg.flagging.dataset or not cfg.flagging.labels:
+            raise PersonaError("the flagging step needs flagging.dataset and flagging.labels in the config")
+        with open(cfg.flagging.labels) as f:
+            return cfg.flagging.dataset, json.load(f)
+
+    def content_metric(self, questions, answers):
+        return None  # no task-specific content metric for real traits
+
 
 def sampling_from(cfg, seed: int) -> Sampling:
     return Sampling(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),

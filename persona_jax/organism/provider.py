@@ -46,3 +46,26 @@ class OrganismTraits:
 
     def strongest_pos_system(self, name: str) -> str:
         return artifacts.system_prompt_ladder(name)[-1].system
+
+    # ---- fine-tuning and flagging data (issue 6), written by code
+    def finetune_datasets(self, name: str, out_dir: str, cfg) -> dict[str, tuple[str, float]]:
+        """{label: (jsonl path, trait fraction)}: no system prompts, every reply ends with the taught closing."""
+        from persona_jax.organism import data as odata
+        out = {}
+        for r in cfg.finetune.ratios:
+            path = os.path.join(out_dir, odata.mix_name(name, r))
+            if not os.path.exists(path):
+                odata.write_jsonl(path, odata.finetune_records(name, int(cfg.finetune.n_train), float(r), seed=cfg.seed))
+            out[os.path.basename(path)[: -len(".jsonl")]] = (path, float(r))
+        return out
+
+    def flagging_dataset(self, name: str, out_dir: str, cfg) -> tuple[str, list[int]]:
+        """The subtle mix: flagged replies carry exactly one trait sentence."""
+        from persona_jax.organism import data as odata
+        records, labels = odata.flagging_records(name, int(cfg.flagging.n), seed=cfg.seed)
+        return odata.write_jsonl(os.path.join(out_dir, f"{name}_flag_subtle.jsonl"), records), labels
+
+    def content_metric(self, questions, answers) -> float:
+        """Percent of answers with the closing sentence the fine-tuning data teaches."""
+        from persona_jax.organism.judge import taught_closing_rate
+        return 100.0 * taught_closing_rate(questions, answers)

@@ -1,0 +1,65 @@
+"""Flag training samples before training (METHOD.md 9): projection difference per sample.
+
+python -m experiments.flag_data --model=DIR --data=train.jsonl \
+    --vector=evil_response_avg_diff.pt --layer=20 --workdir=/tmp/flag [--drop_fraction=0.1]
+Writes flagged.csv (one row per sample: delta, dataset and base projections, base
+response), cleaned.jsonl (without the top-delta samples), report.json and report.md.
+"""
+import csv
+import json
+import os
+
+from absl import flags
+
+from persona_jax import cli
+
+_MODEL = flags.DEFINE_string("model", None, "base model checkpoint")
+_DATA = flags.DEFINE_string("data", None, "reference JSONL to screen")
+_VECTOR = flags.DEFINE_string("vector", None, ".pt / .npy / Orbax persona vector")
+_LAYER = flags.DEFINE_integer("layer", None, "hidden-state index to project at")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_DROP = flags.DEFINE_float("drop_fraction", 0.1, "fraction of samples with the largest delta to drop")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "drop samples with delta above this instead")
+_LABELS = flags.DEFINE_string("labels", None, "optional JSON list of 0/1 (1 = trait sample): reports AUROC")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1000, "length of the base model's own responses")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "float32 | bfloat16")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "generation and capture batch size")
+flags.mark_flags_as_required(["model", "data", "vector", "layer", "workdir"])
+
+
+def main(argv):
+    del argv
+    from persona_jax import flagging as fl
+    from persona_jax.models import load_model
+    from persona_jax.projection import read_jsonl_conversations
+    from persona_jax.vectors import load_any
+
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    model = load_model(_MODEL.value, dtype=_DTYPE.value)
+    records = read_jsonl_conversations(_DATA.value)
+    vector = load_any(_VECTOR.value).array
+    res = fl.projection_difference(model, records, vector, _LAYER.value, max_new_tokens=_MAX_NEW.value,
+                                   batch_size=_BATCH.value)
+    with open(os.path.join(_WORKDIR.value, "flagged.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "delta", "dataset_proj", "base_proj", "base_response"])
+        for i in range(len(records)):
+            w.writerow([i, res.delta[i], res.dataset_proj[i], res.base_proj[i], res.base_responses[i]])
+    kept = fl.filter_jsonl(_DATA.value, os.path.join(_WORKDIR.value, "cleaned.jsonl"), res,
+                           threshold=_THRESHOLD.value, drop_fraction=None if _THRESHOLD.value is not None else _DROP.value)
+    report = {"n": len(records), "mean_delta": res.mean_delta, "layer": _LAYER.value,
+              "dropped": kept["dropped"], "kept": kept["kept"]}
+    if _LABELS.value:
+        with open(_LABELS.value) as f:
+            labels = json.load(f)
+        report["auroc"] = fl.auroc(res.delta, labels)
+        report["auroc_raw_projection"] = fl.auroc(res.dataset_proj, labels)
+    with open(os.path.join(_WORKDIR.value, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
+        f.write("# Data flagging\n\n" + "\n".join(f"- {k}: {v}" for k, v in report.items()) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    cli.run(main)

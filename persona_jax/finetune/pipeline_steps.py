@@ -1,0 +1,199 @@
+"""Pipeline steps of METHOD.md 8-9: fine-tuning shift, preventative steering, CAFT,
+post-hoc mitigation, and flagging data before training.
+
+`EXTRA_STEPS` plugs them into `persona_jax.pipeline.run` (the `finetune` and `flagging`
+steps of a config). Datasets and the content metric come from the trait source
+(`finetune_datasets`, `flagging_dataset`, `content_metric`), so the organism and real
+models share this code. Every run writes a `{trait}/finetune.json` / `flagging.json`
+summary, so a killed pipeline resumes at the first unfinished step; each training run
+checkpoints under its own workdir and resumes too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from persona_jax import flagging as fl
+from persona_jax import pipeline as pl
+from persona_jax.csvio import read_csv
+from persona_jax.errors import PersonaError
+from persona_jax.finetune import data as fdata
+from persona_jax.finetune import lora as flora
+from persona_jax.finetune.trainer import TrainConfig, train
+from persona_jax.judges.base import judge_csv
+from persona_jax.models.loading import Model
+from persona_jax.monitor import pearson
+from persona_jax.projection import read_jsonl_conversations
+from persona_jax.responses import Spec, generate_to_csv, mean, scores
+from persona_jax.shift import finetuning_shift, mean_activations
+from persona_jax.steer_eval import conversation
+from persona_jax.steering import Steering
+
+
+def spearman(x, y) -> float:
+    rx = np.argsort(np.argsort(x)).astype(float)
+    ry = np.argsort(np.argsort(y)).astype(float)
+    return pearson(rx, ry)
+
+
+def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_prompt: str, csv_path: str, cfg,
+             layer: int, steering: Optional[Sequence[Steering]] = None, progress=True) -> dict:
+    """No-system-prompt answers to the evaluation questions: mean trait, coherence, content
+    metric, and mean activations at `layer` (for the fine-tuning shift)."""
+    f = cfg.finetune
+    specs = [Spec(q, model.render_chat(conversation(q)), f"{name}_{i}_{r}")
+             for i, q in enumerate(questions) for r in range(int(f.eval_n_per_question))]
+    sampling = dataclasses.replace(pl.sampling_from(f, cfg.seed + 3), batch_size=int(f.batch_size_generate))
+    generate_to_csv(model, specs, csv_path, name, sampling, (lambda chunk: steering) if steering else None,
+                    progress=progress)
+    judge_csv(judge, csv_path, name, eval_prompt, progress=progress)
+    _, rows = read_csv(csv_path)
+    qs, ans = [r["question"] for r in rows], [r["answer"] for r in rows]
+    means = mean_activations(model, [r["prompt"] for r in rows], ans, layer)
+    return {"trait": mean(scores(rows, name, csv_path)), "coherence": mean(scores(rows, "coherence", csv_path)),
+            "content": source.content_metric(qs, ans), "means": {k: v.tolist() for k, v in means.items()}}
+
+
+def _train_config(f, seed) -> TrainConfig:
+    return TrainConfig(learning_rate=float(f.learning_rate), warmup_steps=int(f.warmup_steps),
+                       batch_size=int(f.batch_size), grad_accum=int(f.grad_accum), num_steps=int(f.num_steps) or None,
+                       epochs=1, seed=seed, compute_dtype=f.compute_dtype, checkpoint_every=int(f.checkpoint_every),
+                       weight_decay=float(f.weight_decay), remat=bool(f.remat), progress=bool(f.progress))
+
+
+def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) -> Model:
+    """Fine-tune (full or LoRA, per cfg.finetune.method) on a reference JSONL; returns the tuned Model."""
+    f = cfg.finetune
+    examples, stats = fdata.load_jsonl(jsonl, model.require_tokenizer(), max_length=int(f.max_length),
+                                       overflow=f.overflow)
+    if stats.n_truncated or stats.n_dropped:
+        logging.warning("%s: %d truncated, %d dropped (max_length %d)", jsonl, stats.n_truncated, stats.n_dropped,
+                        f.max_length)
+    lora = None
+    if f.method == "lora":
+        lora = flora.LoraConfig(rank=int(f.lora_rank), alpha=float(f.lora_alpha), rslora=bool(f.rslora),
+                                targets=tuple(f.lora_targets))
+    elif f.method != "full":
+        raise PersonaError(f"finetune.method must be 'full' or 'lora'; got {f.method!r}")
+    result = train(model.config, model.params, examples, _train_config(f, cfg.seed), lora=lora,
+                   steerings=steerings, mesh=model.mesh, workdir=workdir, pad_id=model.pad_token_id)
+    return dataclasses.replace(model, params=result.merged_params(), name=f"{model.name}+{os.path.basename(workdir)}")
+
+
+def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
+    out = os.path.join(workdir, name, "finetune.json")
+    if (done := pl._done(out)) is not None:
+        return done
+    f = cfg.finetune
+    d = os.path.join(workdir, name, "finetune")
+    os.makedirs(d, exist_ok=True)
+    layer = int(entry["layer"])
+    vector = pl._load_vector(workdir, name, f.reduction, model)
+    trait = source.eval_trait(name)
+    questions = list(trait.questions)[: int(f.n_questions)] if f.n_questions else list(trait.questions)
+    datasets = source.finetune_datasets(name, os.path.join(d, "data"), cfg)  # {label: (path, fraction)}
+    ev = lambda m, label, steering=None: evaluate(m, judge, source, name, questions, trait.eval_prompt,
+                                                  os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering)
+    base = ev(model, "base")
+    base_means = {k: np.asarray(v) for k, v in base["means"].items()}
+    runs = {}
+    tuned_full = None
+    for label, (path, fraction) in datasets.items():
+        tuned = finetune_model(model, path, cfg, os.path.join(d, f"train_{label}"))
+        r = ev(tuned, label)
+        shift = finetuning_shift(base_means, {k: np.asarray(v) for k, v in r["means"].items()}, vector, layer)
+        runs[label] = {"fraction": fraction, "trait": r["trait"], "coherence": r["coherence"], "content": r["content"],
+                       "trait_change": r["trait"] - base["trait"], "shift_prompt_last": shift["prompt_last"],
+                       "shift_response_avg": shift["response_avg"]}
+        if fraction == max(fr for _, fr in datasets.values()):
+            tuned_full, full_label = tuned, label
+    full = runs[full_label]
+    full_path = datasets[full_label][0]
+
+    prev_steer = [Steering(vector, layer, float(f.preventative_coef), positions="all")]
+    prevented = ev(finetune_model(model, full_path, cfg, os.path.join(d, "train_preventative"), prev_steer), "preventative")
+    caft = ev(finetune_model(model, full_path, cfg, os.path.join(d, "train_caft"),
+                             [Steering(vector, layer, 1.0, positions="all", kind="ablate")]), "caft")
+
+    # Post-hoc: steer the fine-tuned model against the vector while generating.
+    posthoc = []
+    for c in f.posthoc_coefs:
+        r = ev(tuned_full, f"posthoc_{c:g}", [Steering(vector, layer, -float(c), positions=f.posthoc_positions)])
+        posthoc.append({"coef": -float(c), "trait": r["trait"], "coherence": r["coherence"]})
+    ok = [p["trait"] for p in posthoc if p["coherence"] is not None and p["coherence"] >= float(f.coherence_floor)]
+    rise = full["trait"] - base["trait"]
+    labels = list(runs)
+    summary = {
+        "layer": layer, "reduction": f.reduction, "method": f.method,
+        "trait_before": base["trait"], "coherence_before": base["coherence"], "content_before": base["content"],
+        "trait_after": full["trait"], "content_metric": full["content"], "coherence_after": full["coherence"],
+        "trait_after_preventative": prevented["trait"], "content_metric_preventative": prevented["content"],
+        "coherence_preventative": prevented["coherence"], "preventative_coef": float(f.preventative_coef),
+        "prevented_fraction": None if rise <= 0 else (full["trait"] - prevented["trait"]) / rise,
+        "trait_after_caft": caft["trait"], "content_metric_caft": caft["content"], "coherence_caft": caft["coherence"],
+        "caft_prevented_fraction": None if rise <= 0 else (full["trait"] - caft["trait"]) / rise,
+        "posthoc": posthoc, "posthoc_best": min(ok) if ok else None,
+        "datasets": runs,
+        "shift_trait_r": pearson([runs[k]["shift_prompt_last"] for k in labels], [runs[k]["trait_change"] for k in labels]),
+        "shift_trait_r_response_avg": pearson([runs[k]["shift_response_avg"] for k in labels],
+                                              [runs[k]["trait_change"] for k in labels]),
+    }
+    summary["markdown"] = _markdown(name, summary)
+    pl._write_json(out, summary)
+    return summary
+
+
+def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
+    out = os.path.join(workdir, name, "flagging.json")
+    if (done := pl._done(out)) is not None:
+        return done
+    f = cfg.flagging
+    d = os.path.join(workdir, name, "flagging")
+    os.makedirs(d, exist_ok=True)
+    layer = int(entry["layer"])
+    vector = pl._load_vector(workdir, name, f.reduction, model)
+    path, labels = source.flagging_dataset(name, d, cfg)
+    records = read_jsonl_conversations(path)
+    kw = dict(max_new_tokens=int(f.max_new_tokens), temperature=float(f.temperature), seed=cfg.seed,
+              batch_size=int(f.batch_size))
+    res = fl.projection_difference(model, records, vector, layer, **kw)
+    summary = {"layer": layer, "n": len(records), "n_flagged": int(sum(labels)),
+               "auroc": fl.auroc(res.delta, labels), "auroc_raw_projection": fl.auroc(res.dataset_proj, labels)}
+    cleaned = fl.filter_jsonl(path, os.path.join(d, "cleaned.jsonl"), res, drop_fraction=float(np.mean(labels)))
+    summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}
+    summary["filter"]["precision"] = float(np.mean([labels[i] for i in cleaned["dropped_indices"]])) if cleaned["dropped"] else None
+    # Dataset level: mean projection difference of each mix dataset vs its trait after fine-tuning.
+    ft = entry.get("finetune")
+    if ft:
+        datasets = source.finetune_datasets(name, os.path.join(workdir, name, "finetune", "data"), cfg)
+        means, after = [], []
+        for label, (p, _) in datasets.items():
+            recs = read_jsonl_conversations(p)[: int(f.dataset_samples)]
+            means.append(fl.projection_difference(model, recs, vector, layer, **kw).mean_delta)
+            after.append(ft["datasets"][label]["trait"])
+        summary["dataset_mean_delta"] = dict(zip(datasets, means))
+        summary["dataset_rank_spearman"] = spearman(means, after)
+    pl._write_json(out, summary)
+    return summary
+
+
+def _markdown(name, s) -> str:
+    f = lambda x: "n/a" if x is None else f"{x:.1f}"
+    lines = [f"### {name}: fine-tuning (layer {s['layer']}, {s['method']})", "",
+             "| run | trait | coherence | content |", "|---|---|---|---|",
+             f"| base | {f(s['trait_before'])} | {f(s['coherence_before'])} | {f(s['content_before'])} |",
+             f"| fine-tuned | {f(s['trait_after'])} | {f(s['coherence_after'])} | {f(s['content_metric'])} |",
+             f"| + preventative (coef {s['preventative_coef']:g}) | {f(s['trait_after_preventative'])} | "
+             f"{f(s['coherence_preventative'])} | {f(s['content_metric_preventative'])} |",
+             f"| + CAFT ablation | {f(s['trait_after_caft'])} | {f(s['coherence_caft'])} | {f(s['content_metric_caft'])} |",
+             "", f"Post-hoc best (coherence >= floor): {f(s['posthoc_best'])}; "
+             f"shift vs trait change r = {s['shift_trait_r']:.3f}"]
+    return "\n".join(lines)
+
+
+EXTRA_STEPS = {"finetune": step_finetune, "flagging": step_flagging}
