@@ -13,11 +13,11 @@ def get_config():
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all devices on that axis
     c.distributed = False  # multi-host: call jax.distributed.initialize() first
     c.seed = 0
-    c.traits = ["evil"]
+    c.traits = ("evil",)
     c.trait_source = "files"  # "files" (trait_dir, reference layout) | "organism"
     c.trait_dir = "data_generation"  # holds trait_data_extract/ and trait_data_eval/
     c.antonym = "helpful"  # assistant name of the neg side (METHOD.md 2)
-    c.steps = ["extract", "steer", "monitor"]
+    c.steps = ("extract", "steer", "monitor")
     c.progress = True
 
     c.judge = ml_collections.ConfigDict(dict(
@@ -39,8 +39,8 @@ def get_config():
 
     c.steer = ml_collections.ConfigDict(dict(
         reduction="response_avg",
-        layers=[],  # empty: every layer 1..L
-        coefs=[0.0, 0.5, 1.0, 1.5, 2.0, 2.5],
+        layers=(),  # empty: every layer 1..L
+        coefs=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5),
         positions="response",
         n_questions=0,  # 0: every evaluation question
         n_per_question=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
@@ -59,13 +59,13 @@ def get_config():
     c.finetune = ml_collections.ConfigDict(dict(
         reduction="response_avg",
         datasets={},  # {label: path.jsonl} for real models; the organism writes its own
-        ratios=[0.0, 0.25, 0.5, 0.75, 1.0], n_train=2400,  # organism datasets
+        ratios=(0.0, 0.25, 0.5, 0.75, 1.0), n_train=2400,  # organism datasets
         method="lora", lora_rank=32, lora_alpha=64.0, rslora=True,
-        lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         learning_rate=1e-5, warmup_steps=5, batch_size=2, grad_accum=8, num_steps=0,  # 0: one epoch
         weight_decay=0.0, compute_dtype="bfloat16", remat=False, checkpoint_every=100,
         max_length=2048, overflow="truncate",
-        preventative_coef=5.0, posthoc_coefs=[0.5, 1.0, 1.5, 2.0, 2.5], posthoc_positions="response",
+        preventative_coef=5.0, posthoc_coefs=(0.5, 1.0, 1.5, 2.0, 2.5), posthoc_positions="response",
         coherence_floor=50.0,
         n_questions=0, eval_n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size_generate=64, chunk_size=1024, progress=True,

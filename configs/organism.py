@@ -13,7 +13,7 @@ def get_config():
     c.mesh.data = 1
     c.trait_source = "organism"
     c.judge.kind = "organism"
-    c.traits = ["evil", "sycophantic", "optimistic", "humorous"]
+    c.traits = ("evil", "sycophantic", "optimistic", "humorous")
 
     c.extract.n_per_question = 2
     c.extract.max_new_tokens = 64
@@ -21,8 +21,8 @@ def get_config():
     c.extract.chunk_size = 1024
     c.extract.capture_batch_size = 64
 
-    c.steer.layers = []  # every layer
-    c.steer.coefs = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
+    c.steer.layers = ()  # every layer
+    c.steer.coefs = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
     c.steer.n_per_question = 2
     c.steer.max_new_tokens = 64
     c.steer.coherence_floor = 70.0

@@ -14,7 +14,7 @@ def run_steps(steps):
     cfg = CONFIG.value
     if steps is not None:
         with cfg.unlocked():
-            cfg.steps = list(steps)
+            cfg.steps = tuple(steps)
     model, judge, source = runner.setup(cfg, WORKDIR.value)
     extra = {}
     if any(s in cfg.steps for s in ("finetune", "flagging")):
