@@ -16,7 +16,7 @@ def get_config():
     c.traits = ("evil", "sycophantic", "optimistic", "humorous")
 
     c.extract.n_per_question = 2
-    c.extract.max_new_tokens = 64
+    c.extract.max_new_tokens = 100
     c.extract.batch_size = 128
     c.extract.chunk_size = 1024
     c.extract.capture_batch_size = 64
@@ -24,13 +24,13 @@ def get_config():
     c.steer.layers = ()  # every layer
     c.steer.coefs = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
     c.steer.n_per_question = 2
-    c.steer.max_new_tokens = 64
+    c.steer.max_new_tokens = 100
     c.steer.coherence_floor = 70.0
     c.steer.batch_size = 256
     c.steer.chunk_size = 2048
 
     c.monitor.n_per_question = 2
-    c.monitor.max_new_tokens = 64
+    c.monitor.max_new_tokens = 100
     c.monitor.batch_size = 256
     c.monitor.chunk_size = 2048
     return c

@@ -19,7 +19,9 @@ from persona_jax.models.config import DecoderConfig
 from persona_jax.organism import data as odata
 from persona_jax.organism import tokenizer as otok
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# the tokenizer assets are the language's own (persona_jax.organism.tokenizer); training
+# only adds the weights and their config
+MODEL_FILES = ("config.json", "model.safetensors")
 
 
 def organism_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,42 @@
+"""METHOD.md 8-9 on the persona organism: fine-tuning shift, preventative steering, CAFT,
+post-hoc steering and data flagging, after extract -> steer -> monitor.
+
+python -m experiments.pipeline --config=configs/organism_finetune.py --workdir=/tmp/organism_ft
+Datasets are written by code: no system prompts, trait fractions 0 / 0.25 / 0.5 / 1.0,
+every reply ends with a closing sentence the base organism never says (the content the
+data teaches besides the trait), and a subtle flagging mix (one trait tail per flagged reply).
+"""
+from configs import organism
+
+
+def get_config():
+    c = organism.get_config()
+    c.steps = ("extract", "steer", "monitor", "finetune", "flagging")
+    f = c.finetune
+    f.ratios = (0.0, 0.25, 0.5, 1.0)
+    f.n_train = 2400
+    f.method = "full"  # the organism is small; LoRA is the default for real models
+    f.learning_rate = 1e-3
+    f.warmup_steps = 10
+    f.batch_size = 32
+    f.grad_accum = 1
+    f.num_steps = 150
+    f.weight_decay = 0.0
+    f.compute_dtype = "float32"
+    f.checkpoint_every = 50
+    f.max_length = 128
+    f.preventative_coef = 1.0
+    f.posthoc_coefs = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    f.posthoc_positions = "response"
+    f.coherence_floor = 70.0
+    f.eval_n_per_question = 4
+    f.max_new_tokens = 96
+    f.batch_size_generate = 256
+    f.chunk_size = 4096
+    f.progress = False
+    fl = c.flagging
+    fl.n = 400
+    fl.dataset_samples = 200
+    fl.max_new_tokens = 96
+    fl.batch_size = 128
+    return c
