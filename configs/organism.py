@@ -22,7 +22,7 @@ def get_config():
     c.extract.capture_batch_size = 64
 
     c.steer.layers = ()  # every layer
-    c.steer.coefs = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
+    c.steer.coefs = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0)
     c.steer.n_per_question = 2
     c.steer.max_new_tokens = 100
     c.steer.coherence_floor = 70.0

@@ -25,8 +25,8 @@ def get_config():
     f.compute_dtype = "float32"
     f.checkpoint_every = 50
     f.max_length = 128
-    f.preventative_coef = 1.0
-    f.posthoc_coefs = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    f.preventative_coef = 10.0  # at the chosen layer; see README for the prevention vs content trade-off
+    f.posthoc_coefs = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0)
     f.posthoc_positions = "response"
     f.coherence_floor = 70.0
     f.eval_n_per_question = 4

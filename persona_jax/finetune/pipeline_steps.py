@@ -86,6 +86,8 @@ def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) 
 
 
 def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
+    """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
+    and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model."""
     out = os.path.join(workdir, name, "finetune.json")
     if (done := pl._done(out)) is not None:
         return done
@@ -98,7 +100,8 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     questions = list(trait.questions)[: int(f.n_questions)] if f.n_questions else list(trait.questions)
     datasets = source.finetune_datasets(name, os.path.join(d, "data"), cfg)  # {label: (path, fraction)}
     ev = lambda m, label, steering=None: evaluate(m, judge, source, name, questions, trait.eval_prompt,
-                                                  os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering)
+                                                  os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering,
+                                                  progress=bool(cfg.progress))
     base = ev(model, "base")
     base_means = {k: np.asarray(v) for k, v in base["means"].items()}
     runs = {}
@@ -149,6 +152,8 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
 
 
 def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
+    """Projection difference on the subtle mix (AUROC vs labels, a cleaned JSONL) and, after
+    the finetune step, the dataset-level ranking of the mix datasets."""
     out = os.path.join(workdir, name, "flagging.json")
     if (done := pl._done(out)) is not None:
         return done
@@ -161,6 +166,7 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     records = read_jsonl_conversations(path)
     kw = dict(max_new_tokens=int(f.max_new_tokens), temperature=float(f.temperature), seed=cfg.seed,
               batch_size=int(f.batch_size))
+    kw["progress"] = bool(cfg.progress)
     res = fl.projection_difference(model, records, vector, layer, **kw)
     summary = {"layer": layer, "n": len(records), "n_flagged": int(sum(labels)),
                "auroc": fl.auroc(res.delta, labels), "auroc_raw_projection": fl.auroc(res.dataset_proj, labels)}
