@@ -1,7 +1,8 @@
 """Batched KV-cache sampling with interventions, the whole decode loop on device.
 
-`generate_arrays` is the jitted core (prefill in one call, then `lax.while_loop` over
-single-token decode steps that stops when every row has emitted EOS); `generate` is
+`generate_arrays` is the jitted core (prefill in one call of the scanned decoder, then
+`lax.while_loop` over single-token `decode_step`s, blocks unrolled over per-layer
+buffers, that stops when every row has emitted EOS); `generate` is
 the host wrapper: render chats, tokenize, sort by length into buckets, left-pad, steer,
 decode strings.
 """
@@ -17,7 +18,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from persona_jax import batching, transforms
+from persona_jax import interventions as iv
 from persona_jax.errors import PersonaError
+from persona_jax.models.decoder import Block, Embedding, RMSNorm
 from persona_jax.steering import Steering, as_list, position_masks, steering_arrays
 
 
@@ -33,21 +36,47 @@ class SamplingParams:
     pad_id: int
 
 
+def _order_key(x):
+    """float32 -> uint32 with the same order (so thresholds can be bisected on integers)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key(keys, ok):
+    """Per row, the largest uint32 t with ok(t) [B] true, for ok non-increasing in t and
+    true at the row's smallest key. keys: [B, V] uint32. 32 bisection steps, each one
+    pass over the row: a sort of the vocabulary costs ~10x more on CPU."""
+    lo, hi = keys.min(axis=-1), keys.max(axis=-1)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + ((hi - lo) & 1)  # upper middle, no overflow
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
+
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
 def _filter_logits(logits, temperature, top_k, top_p, sp: SamplingParams):
-    """logits [B, V] float32 -> tempered, top-k / top-p filtered logits."""
+    """logits [B, V] float32 -> tempered, top-k / top-p filtered logits.
+
+    top-k keeps the logits >= the k-th largest; top-p keeps the smallest set of most
+    probable tokens whose mass reaches top_p (at least one token; tokens tied with the
+    last one kept are kept too). Thresholds are found by bisection, not by sorting.
+    """
     logits = logits / jnp.maximum(temperature, 1e-6)
     neg = jnp.finfo(jnp.float32).min
     if sp.use_top_k:
-        kth = jnp.sort(logits, axis=-1)[:, ::-1][:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
-        logits = jnp.where(logits < kth[:, None], neg, logits)
+        keys = _order_key(logits)
+        k = jnp.clip(top_k, 1, logits.shape[-1])
+        kth = _largest_key(keys, lambda t: (keys >= t[:, None]).sum(axis=-1) >= k)
+        logits = jnp.where(keys < kth[:, None], neg, logits)
     if sp.use_top_p:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cum_before = jnp.cumsum(probs, axis=-1) - probs
-        drop_sorted = cum_before >= top_p  # keeps the smallest prefix reaching top_p (>= 1 token)
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, neg, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        keys = _order_key(probs)
+        # the smallest kept probability is the largest t whose tokens with p >= t hold >= top_p
+        cut = _largest_key(keys, lambda t: jnp.where(keys >= t[:, None], probs, 0).sum(axis=-1) >= top_p)
+        logits = jnp.where(keys < cut[:, None], neg, logits)
     return logits
 
 
@@ -63,6 +92,58 @@ def _pick(logits, keys, step, temperature, top_k, top_p, min_new, sp: SamplingPa
     logits = _filter_logits(logits, temperature, top_k, top_p, sp)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+def per_layer(config, params, cache, interventions=None):
+    """Per-layer buffers for `decode_step`: the scanned [L, ...] block params and cache and
+    the [L+1, ...] intervention arrays become lists of per-layer arrays. Made once per
+    `generate_arrays` call, outside the decode loop; the block weights are copied once,
+    so generation holds the weights twice while it runs."""
+    n = config.num_layers
+    layers = [jax.tree.map(lambda x: x[l], params["layers"]) for l in range(n)]
+    caches = [{"k": cache["k"][l], "v": cache["v"][l]} for l in range(n)]
+    rows = [{k: v[l] for k, v in (interventions or {}).items()} for l in range(n + 1)]
+    return layers, caches, rows
+
+
+def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=None):
+    """One decode call with the blocks unrolled over per-layer buffers.
+
+    The same computation as `transforms.decoder_apply(..., cache=..., logits="last")`,
+    but each block reads its own params and cache buffers, so on CPU no step copies a
+    layer's weights or cache out of (and back into) the stacked [L, ...] arrays the way
+    the scanned decoder must; that copying dominated decode time. Prefill and capture
+    keep the scanned decoder (one call each, compile time independent of depth).
+
+    Args:
+      params: the full param tree (embedding, final norm, LM head are read from it).
+      layers: [L] per-layer block params; caches: [L] {k, v: [B, S, KV, hd]} (from
+        `per_layer`).
+      tokens: [B, T] int32; ctx: `transforms.make_ctx(...)` plus `add_pos`/`abl_pos`.
+      intervention_rows: [L+1] dicts of per-hidden-state intervention arrays
+        (`per_layer`), or None.
+    Returns (logits [B, V] float32 of the last position, new caches [L]).
+    """
+    c = config
+    dtype = params["embed_tokens"]["embedding"].dtype
+    rows = intervention_rows or [{}] * (c.num_layers + 1)
+
+    def variables(p, row):
+        return {"params": p, "interventions": row} if row else {"params": p}
+
+    with iv.active(None):
+        h = Embedding(c, dtype).apply(variables(params["embed_tokens"], rows[0]), tokens, ctx)
+        new_caches = []
+        for l in range(c.num_layers):
+            layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32), "cache": caches[l]}
+            h, cache_l = Block(c, dtype).apply(variables(layers[l], rows[l + 1]), h, layer_in, ctx)
+            new_caches.append(cache_l)
+    h = RMSNorm(c.rms_norm_eps, dtype).apply({"params": params["norm"]}, h[:, -1])
+    if c.tie_word_embeddings:
+        logits = h @ params["embed_tokens"]["embedding"].T
+    else:
+        logits = h @ params["lm_head"]["kernel"]
+    return logits.astype(jnp.float32), new_caches
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len"))
@@ -99,6 +180,7 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
     logits, _, cache = transforms.decoder_apply(
         c, params, tokens, ctx, interventions=interventions, cache=cache, logits="last")
     first = _pick(logits[:, -1], row_keys, 0, temperature, top_k, top_p, min_new, sp)
+    layers, cache, rows = per_layer(c, params, cache, interventions)
 
     eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,))
     out = jnp.full((b, sp.max_new_tokens), sp.pad_id, jnp.int32).at[:, 0].set(first)
@@ -116,9 +198,8 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
         dctx = transforms.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
                                    cache_index=slot, kv_valid=kv_valid, kv_pos=kv_pos)
         dctx.update(decode_pos or {})
-        logits, _, cache = transforms.decoder_apply(
-            c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
-        nxt = _pick(logits[:, -1], row_keys, step, temperature, top_k, top_p, min_new, sp)
+        logits, cache = decode_step(c, params, layers, last[:, None], dctx, cache, rows)
+        nxt = _pick(logits, row_keys, step, temperature, top_k, top_p, min_new, sp)
         nxt = jnp.where(done, sp.pad_id, nxt)
         out = out.at[:, step].set(nxt)
         lengths = lengths + (~done).astype(jnp.int32)
