@@ -36,6 +36,13 @@ def pearson(x, y) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def spearman(x, y) -> float:
+    """Rank correlation (ties broken by order)."""
+    rx = np.argsort(np.argsort(np.asarray(x, float))).astype(float)
+    ry = np.argsort(np.argsort(np.asarray(y, float))).astype(float)
+    return pearson(rx, ry)
+
+
 def run_conditions(model, vector: np.ndarray, layer: int, conditions: Sequence[Condition], questions: Sequence[str],
                    judge: Judge, trait: str, eval_prompt: str, csv_path: str, sampling: Sampling,
                    n_per_question: int = 1, progress=True) -> dict:

@@ -172,6 +172,11 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
     neg_coefs = [0.0] + [-c for c in coefs if c > 0]
     neg = se.sweep(model, vector, questions, [layer], sorted(neg_coefs, reverse=True),
                    csv_path=os.path.join(d, "steer_negative.csv"), system=source.strongest_pos_system(name), **kw)
+    # monotonicity over coefficients 0 .. the largest whose coherence stays above the floor
+    coherent = [j for j, h in enumerate(grid.coherence[li]) if h >= float(s.coherence_floor)]
+    upto = list(range(max(coherent) + 1)) if coherent else []
+    monotone = (mon.spearman([coefs[j] for j in upto], [grid.trait[li, j] for j in upto])
+                if len(upto) >= 3 else float("nan"))
     neg_base = float(neg.trait[0, 0])
     _, neg_coef, neg_gain = neg.best(neg_base, float(s.coherence_floor), sign=-1.0)
     summary = {
@@ -183,6 +188,8 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
         "coherence": _nan_to_none(grid.coherence[li]),
         "best_coef": best_coef,
         "best_gain": None if np.isnan(gain) else float(gain),
+        "monotone_spearman": None if np.isnan(monotone) else monotone,
+        "n_coherent_coefs": len(upto),
         "coherence_floor": float(s.coherence_floor),
         "grid": {"layers": layers, "trait": grid.trait.tolist(), "coherence": grid.coherence.tolist()},
         "random_vector_delta": float(rand.trait[0, 0] - baseline),

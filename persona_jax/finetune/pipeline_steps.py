@@ -27,18 +27,12 @@ from persona_jax.finetune import lora as flora
 from persona_jax.finetune.trainer import TrainConfig, train
 from persona_jax.judges.base import judge_csv
 from persona_jax.models.loading import Model
-from persona_jax.monitor import pearson
+from persona_jax.monitor import pearson, spearman
 from persona_jax.projection import read_jsonl_conversations
 from persona_jax.responses import Spec, generate_to_csv, mean, scores
 from persona_jax.shift import finetuning_shift, mean_activations
 from persona_jax.steer_eval import conversation
 from persona_jax.steering import Steering
-
-
-def spearman(x, y) -> float:
-    rx = np.argsort(np.argsort(x)).astype(float)
-    ry = np.argsort(np.argsort(y)).astype(float)
-    return pearson(rx, ry)
 
 
 def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_prompt: str, csv_path: str, cfg,
