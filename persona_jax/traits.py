@@ -503,3 +503,15 @@ def anthropic_llm(
         return "".join(getattr(b, "text", "") for b in msg.content)
 
     return call
+
+
+def local_llm(model, max_new_tokens: int = 4000, temperature: float = 1.0, seed: int = 0) -> LLM:
+    """A loaded local instruct model (`persona_jax.load_model`) as the artifact generator:
+    the prompt is the user turn, the answer is sampled with `persona_jax.generate`."""
+    from persona_jax.generate import generate
+
+    def call(prompt: str) -> str:
+        return generate(model, [[{"role": "user", "content": prompt}]], max_new_tokens,
+                        temperature=temperature, seed=seed)[0]
+
+    return call

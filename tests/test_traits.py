@@ -267,3 +267,21 @@ def test_provider_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "anthropic", None)  # import anthropic -> ImportError
     with pytest.raises(PersonaError, match="pip install anthropic"):
         anthropic_llm("claude-x")
+
+
+def test_local_llm_is_a_generator_callable(tmp_path):
+    """A local model plugs into generate_trait_artifacts: its sampled answer is what the
+    parser sees (a random tiny model cannot write valid JSON, so the repair retry runs and
+    the failure is one clear PersonaError)."""
+    import persona_jax as pj
+    from persona_jax.testing import tiny_checkpoint
+
+    tiny_checkpoint(str(tmp_path / "m"), "llama")
+    model = pj.load_model(str(tmp_path / "m"))
+    from persona_jax import traits
+
+    llm = traits.local_llm(model, max_new_tokens=8, temperature=0.0)
+    out = llm("write json")
+    assert out == pj.generate(model, [[{"role": "user", "content": "write json"}]], 8, temperature=0.0)[0]
+    with pytest.raises(PersonaError):
+        traits.generate_trait_artifacts("impolite", "rude", llm)
