@@ -1,0 +1,17 @@
+"""The accelerator benchmark script runs end to end (tiny shapes on CPU), so it is ready
+when a session is lent a GPU. Not a timing test: nothing about speed is asserted."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_bench_runs_on_tiny_shapes():
+    cmd = [sys.executable, "benchmarks/gpu_bench.py", "--layers=2", "--hidden=64", "--heads=4", "--kv=2", "--ffn=128",
+           "--vocab=512", "--seq=64", "--capture_batch=4", "--decode_batch=4", "--prompt_len=16", "--new_tokens=8",
+           "--ref_samples=2", "--reps=1"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| capture tokens/s" in r.stdout and "| greedy decode tokens/s, batch 4" in r.stdout
