@@ -84,7 +84,8 @@ def sampling_from(cfg, seed: int) -> Sampling:
                     chunk_size=int(cfg.chunk_size))
 
 
-def _done(path: str) -> Optional[dict]:
+def done_summary(path: str) -> Optional[dict]:
+    """The summary a finished step left at `path` (the step is then skipped), or None."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -92,7 +93,8 @@ def _done(path: str) -> Optional[dict]:
 
 
 @writer_only
-def _write_json(path: str, data: dict):
+def write_summary(path: str, data: dict):
+    """Write a step summary / report atomically (process 0 only)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -114,7 +116,7 @@ def _nan_to_none(values):
 
 def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
     out = os.path.join(workdir, name, "extract.json")
-    if (done := _done(out)) is not None:
+    if (done := done_summary(out)) is not None:
         return done
     d = os.path.join(workdir, name)
     os.makedirs(d, exist_ok=True)
@@ -129,11 +131,12 @@ def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workd
     paths = ex.save_vectors(vectors, d, name, model.name, stats["n_kept"], config=e.to_dict())
     summary = {**stats, "vectors": paths,
                "vector_norms": {r: np.linalg.norm(v, axis=-1).round(4).tolist() for r, v in vectors.items()}}
-    _write_json(out, summary)
+    write_summary(out, summary)
     return summary
 
 
-def _load_vector(workdir, name, reduction, model):
+def load_step_vector(workdir, name, reduction, model):
+    """The `{trait}_{reduction}_diff.pt` the extract step wrote, checked against the model."""
     from persona_jax.vectors import check_vector_shape, import_pt, vector_filename
     v = import_pt(os.path.join(workdir, name, vector_filename(name, reduction, ".pt")))
     check_vector_shape(v, model.num_layers, model.hidden_size, f"{name} {reduction} vector")
@@ -142,13 +145,13 @@ def _load_vector(workdir, name, reduction, model):
 
 def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
     out = os.path.join(workdir, name, "steer.json")
-    if (done := _done(out)) is not None:
+    if (done := done_summary(out)) is not None:
         return done
     s = cfg.steer
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
     questions = list(trait.questions)[: int(s.n_questions)] if s.n_questions else list(trait.questions)
-    vector = _load_vector(workdir, name, s.reduction, model)
+    vector = load_step_vector(workdir, name, s.reduction, model)
     sampling = sampling_from(s, cfg.seed + 1)
     layers = [int(l) for l in s.layers] or list(range(1, model.num_layers + 1))
     coefs = sorted(float(c) for c in s.coefs)
@@ -199,25 +202,25 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
         "negative_delta": None if neg_coef is None else -float(neg_gain),
         "negative_coef": neg_coef,
     }
-    _write_json(out, summary)
+    write_summary(out, summary)
     return summary
 
 
 def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, layer: int,
                  progress=True) -> dict:
     out = os.path.join(workdir, name, "monitor.json")
-    if (done := _done(out)) is not None:
+    if (done := done_summary(out)) is not None:
         return done
     m = cfg.monitor
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
     questions = list(trait.questions)[: int(m.n_questions)] if m.n_questions else list(trait.questions)
-    vector = _load_vector(workdir, name, m.reduction, model)
+    vector = load_step_vector(workdir, name, m.reduction, model)
     result = mon.run_conditions(model, vector, layer, source.conditions(name), questions, judge, name,
                                 trait.eval_prompt, os.path.join(d, "monitor.csv"), sampling_from(m, cfg.seed + 2),
                                 int(m.n_per_question), progress=progress)
     mon.plot_monitor(result, os.path.join(d, "monitoring.png"), name)
-    _write_json(out, result)
+    write_summary(out, result)
     return result
 
 
@@ -247,7 +250,7 @@ def run(model, judge: Judge, source: TraitSource, cfg, workdir: str, extra_steps
             if step in cfg.steps:
                 entry[step] = fn(model, judge, source, name, cfg, workdir, entry)
         report["traits"][name] = entry
-        _write_json(os.path.join(workdir, "report.json"), report)
+        write_summary(os.path.join(workdir, "report.json"), report)
     write_markdown(report, os.path.join(workdir, "report.md"))
     return report
 

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Callable, Optional, Sequence
 
-from persona_jax.csvio import format_score, parse_score, read_csv, write_csv_atomic
+from persona_jax.csvio import parse_score, read_csv, write_csv_atomic
 from persona_jax.errors import PersonaError
 from persona_jax.generate import generate
 from persona_jax.steering import Steering
@@ -94,4 +94,4 @@ def mean(values) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-__all__ = ["Spec", "Sampling", "generate_to_csv", "scores", "mean", "format_score", "columns"]
+__all__ = ["Spec", "Sampling", "generate_to_csv", "scores", "mean", "columns"]

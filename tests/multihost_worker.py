@@ -39,7 +39,7 @@ def run(ckpt: str, out: str, pid: int, nproc: int):
     from persona_jax.errors import PersonaError
     from persona_jax.generate import generate
     from persona_jax.models import load_model
-    from persona_jax.pipeline import _write_json
+    from persona_jax.pipeline import write_summary
     from persona_jax.vectors import export_npy
 
     assert jax.process_count() == nproc and jax.process_index() == pid and jax.device_count() == 8
@@ -69,7 +69,7 @@ def run(ckpt: str, out: str, pid: int, nproc: int):
             for i, (p, a) in enumerate(zip(PROMPTS, sampled.texts))]
     write_csv_atomic(os.path.join(out, f"responses_p{pid}.csv"), COLUMNS, rows)
     export_npy(cap["response_avg"].mean(axis=0), os.path.join(out, f"vector_p{pid}.npy"))
-    _write_json(os.path.join(out, f"report_p{pid}.json"), {"process": pid})
+    write_summary(os.path.join(out, f"report_p{pid}.json"), {"process": pid})
     # The usual case: every process calls the writer with the same path, then reads it.
     write_csv_atomic(os.path.join(out, "responses.csv"), COLUMNS, rows)
     assert read_csv(os.path.join(out, "responses.csv"))[1][0]["answer"] == sampled.texts[0]

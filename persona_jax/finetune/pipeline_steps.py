@@ -83,13 +83,13 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
     and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model."""
     out = os.path.join(workdir, name, "finetune.json")
-    if (done := pl._done(out)) is not None:
+    if (done := pl.done_summary(out)) is not None:
         return done
     f = cfg.finetune
     d = os.path.join(workdir, name, "finetune")
     os.makedirs(d, exist_ok=True)
     layer = int(entry["layer"])
-    vector = pl._load_vector(workdir, name, f.reduction, model)
+    vector = pl.load_step_vector(workdir, name, f.reduction, model)
     trait = source.eval_trait(name)
     questions = list(trait.questions)[: int(f.n_questions)] if f.n_questions else list(trait.questions)
     datasets = source.finetune_datasets(name, os.path.join(d, "data"), cfg)  # {label: (path, fraction)}
@@ -141,7 +141,7 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
                                               [runs[k]["trait_change"] for k in labels]),
     }
     summary["markdown"] = _markdown(name, summary)
-    pl._write_json(out, summary)
+    pl.write_summary(out, summary)
     return summary
 
 
@@ -149,13 +149,13 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Projection difference on the subtle mix (AUROC vs labels, a cleaned JSONL) and, after
     the finetune step, the dataset-level ranking of the mix datasets."""
     out = os.path.join(workdir, name, "flagging.json")
-    if (done := pl._done(out)) is not None:
+    if (done := pl.done_summary(out)) is not None:
         return done
     f = cfg.flagging
     d = os.path.join(workdir, name, "flagging")
     os.makedirs(d, exist_ok=True)
     layer = int(entry["layer"])
-    vector = pl._load_vector(workdir, name, f.reduction, model)
+    vector = pl.load_step_vector(workdir, name, f.reduction, model)
     path, labels = source.flagging_dataset(name, d, cfg)
     records = read_jsonl_conversations(path)
     kw = dict(max_new_tokens=int(f.max_new_tokens), temperature=float(f.temperature), seed=cfg.seed,
@@ -178,7 +178,7 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
             after.append(ft["datasets"][label]["trait"])
         summary["dataset_mean_delta"] = dict(zip(datasets, means))
         summary["dataset_rank_spearman"] = spearman(means, after)
-    pl._write_json(out, summary)
+    pl.write_summary(out, summary)
     return summary
 
 
