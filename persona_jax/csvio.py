@@ -11,10 +11,10 @@ import csv
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+from persona_jax.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.distributed import writer_only
 
@@ -75,23 +75,12 @@ def write_csv_atomic(
     A crash or kill leaves either the old file or the new one, never a half-written one.
     Cells that are None are written empty; floats with `repr` (exact round trip).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n",
-                                    extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _cell(row.get(k)) for k in fieldnames})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n",
+                                extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in fieldnames})
 
 
 def _cell(value: object) -> object:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from persona_jax.capture import capture
+from persona_jax.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.generate import generate
 from persona_jax.projection import project, read_jsonl_conversations
@@ -95,11 +95,9 @@ def filter_jsonl(path: str, out_path: str, result: FlagResult, threshold: Option
         drop[np.argsort(-d, kind="stable")[:k]] = True
     else:
         raise PersonaError("filter_jsonl needs a threshold or a drop_fraction")
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out_path) as f:
         for rec, dr in zip(records, drop):
             if not dr:
                 f.write(json.dumps({"messages": rec["messages"]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
     return {"n": len(records), "dropped": int(drop.sum()), "kept": int((~drop).sum()),
             "dropped_indices": np.flatnonzero(drop).tolist()}

@@ -11,13 +11,14 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 import numpy as np
 
 from persona_jax import extract as ex
 from persona_jax import monitor as mon
 from persona_jax import steer_eval as se
+from persona_jax.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.judges.base import Judge
 from persona_jax.responses import Sampling
@@ -95,11 +96,8 @@ def done_summary(path: str) -> Optional[dict]:
 @writer_only
 def write_summary(path: str, data: dict):
     """Write a step summary / report atomically (process 0 only)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(data, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -261,7 +259,7 @@ def _fmt(x, nd=1):
 
 @writer_only
 def write_markdown(report: dict, path: str):
-    lines = [f"# Persona pipeline report", "", f"Model: `{report['model']}`", ""]
+    lines = ["# Persona pipeline report", "", f"Model: `{report['model']}`", ""]
     lines += ["| trait | kept pairs | layer | baseline | best gain (coef) | random delta | negative delta | monitor r (n) |",
               "|---|---|---|---|---|---|---|---|"]
     for name, e in report["traits"].items():
@@ -284,6 +282,5 @@ def write_markdown(report: dict, path: str):
         for step in e:
             if step not in ("extraction", "steering", "monitoring", "layer") and isinstance(e[step], dict) and "markdown" in e[step]:
                 lines += ["", e[step]["markdown"]]
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)

@@ -16,6 +16,7 @@ import numpy as np
 
 from persona_jax.capture import capture
 from persona_jax.csvio import read_csv, write_csv_atomic
+from persona_jax.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.vectors import PersonaVector, check_vector_shape
 
@@ -113,11 +114,9 @@ def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Seque
         for i, rec in enumerate(data):
             for name, vals in cols.items():
                 rec[name] = vals[i]
-        tmp = Path(out_path).with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(out_path) as f:
             for rec in data:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
     return out_path
 
 

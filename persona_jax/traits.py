@@ -15,10 +15,10 @@ import json
 import os
 import re
 import string
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
+from persona_jax.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.judges.rubrics import template_fields
 
@@ -162,18 +162,8 @@ def load_trait(path: str | os.PathLike, name: Optional[str] = None, n_pairs: int
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def _trait_json(trait: Trait) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from persona_jax.atomic import atomic_path
 from persona_jax.errors import PersonaError
 from persona_jax.distributed import writer_only
 
@@ -206,16 +207,8 @@ def _torch():
 
 
 def _write_atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
