@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from persona_jax import batching, transforms
 from persona_jax import interventions as iv
 from persona_jax.errors import PersonaError
-from persona_jax.models.decoder import Block, Embedding, RMSNorm
+from persona_jax.models.decoder import Block, Embedding, RMSNorm, cache_shapes
 from persona_jax.steering import Steering, as_list, position_masks, steering_arrays
 
 
@@ -117,7 +117,7 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
 
     Args:
       params: the full param tree (embedding, final norm, LM head are read from it).
-      layers: [L] per-layer block params; caches: [L] {k, v: [B, S, KV, hd]} (from
+      layers: [L] per-layer block params; caches: [L] {k: [B, KV, hd, S], v: [B, KV, S, hd]} (from
         `per_layer`).
       tokens: [B, T] int32; ctx: `transforms.make_ctx(...)` plus `add_pos`/`abl_pos`.
       intervention_rows: [L+1] dicts of per-hidden-state intervention arrays
@@ -166,10 +166,7 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
     b, p = tokens.shape
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = {
-        "k": jnp.zeros((c.num_layers, b, cache_len, c.num_kv_heads, c.head_dim), dtype),
-        "v": jnp.zeros((c.num_layers, b, cache_len, c.num_kv_heads, c.head_dim), dtype),
-    }
+    cache = {k: jnp.zeros(shape, dtype) for k, shape in cache_shapes(c, b, cache_len).items()}
     n_prompt = mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))

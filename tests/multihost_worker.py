@@ -90,6 +90,28 @@ def run(ckpt: str, out: str, pid: int, nproc: int):
     nested(os.path.join(out, f"nested_p{pid}.csv"))
     assert os.path.exists(os.path.join(out, "nested_p0.csv"))
 
+    # An API-style judge (not collective) is asked on process 0 only; every process gets
+    # the same summary and reads the same filled CSV.
+    from persona_jax.judges.base import Judge, judge_csv
+
+    class CountingJudge(Judge):
+        calls = 0
+
+        def trait_scores(self, trait, eval_prompt, questions, answers):
+            CountingJudge.calls += len(answers)
+            return [float(len(a) % 100) for a in answers]
+
+        def coherence_scores(self, questions, answers):
+            CountingJudge.calls += len(answers)
+            return [50.0] * len(answers)
+
+    write_csv_atomic(os.path.join(out, "judged.csv"), COLUMNS, rows)
+    summary = judge_csv(CountingJudge(), os.path.join(out, "judged.csv"), "evil", "{question} {answer}",
+                        chunk_size=3, progress=False)
+    judged = read_csv(os.path.join(out, "judged.csv"))[1]
+    judge_record = {"calls": CountingJudge.calls, "summary": summary,
+                    "scores": [r["evil"] for r in judged]}
+
     if nproc > 1:  # a mesh over process 0's devices only is refused with a clear message
         try:
             sh.make_mesh(4, 1)
@@ -100,7 +122,8 @@ def run(ckpt: str, out: str, pid: int, nproc: int):
     np.savez(os.path.join(out, f"result_p{pid}.npz"),
              **{k: cap[k] for k in ("prompt_avg", "prompt_last", "response_avg", "kept")},
              sampled=np.asarray(json.dumps(sampled.tokens)),
-             shard_rows=np.asarray(json.dumps(shard_rows)))
+             shard_rows=np.asarray(json.dumps(shard_rows)),
+             judge=np.asarray(json.dumps(judge_record)))
 
 
 if __name__ == "__main__":

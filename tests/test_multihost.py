@@ -8,6 +8,8 @@ documented conventions:
     of the same code (the reference is computed here, in the test process);
   * only process 0 writes files (CSV, vector, JSON report), also when both write one path,
     and a file is readable on every process as soon as the writer returns (barrier);
+  * a judge that needs no collective (an API) is asked on process 0 only, and every
+    process gets the same summary and the same filled CSV;
   * a mesh that leaves out a process's devices is refused with a clear error.
 """
 import json
@@ -129,6 +131,16 @@ def test_only_process_zero_writes(runs):
             assert a.read() == b.read()
     np.testing.assert_allclose(np.load(os.path.join(runs["multi"], "vector_p0.npy")),
                                runs["ref"]["response_avg"].mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_api_judge_asked_once_across_processes(runs):
+    ref = json.loads(str(runs["ref"]["judge"]))
+    got = [json.loads(str(r["judge"])) for r in runs["procs"]]
+    assert ref["calls"] == 16  # 8 rows x (trait + coherence), single process
+    assert [g["calls"] for g in got] == [16, 0]
+    for g in got:
+        assert g["summary"] == ref["summary"] == {"rows": 8, "trait_missing": 0, "coherence_missing": 0, "judged": 8}
+        assert g["scores"] == ref["scores"] and all(s != "" for s in g["scores"])
 
 
 def test_writer_only_skips_off_process_zero(tmp_path, monkeypatch):

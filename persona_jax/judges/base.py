@@ -9,6 +9,8 @@ import abc
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 Score = Optional[float]
 
 
@@ -17,7 +19,13 @@ class Judge(abc.ABC):
 
     Implementations: `OpenAIJudge` (any OpenAI-compatible endpoint), a local-model judge,
     and exact judges for synthetic test languages.
+
+    `collective`: True when scoring is a computation every JAX process must join (a judge
+    model sharded over the global mesh). Otherwise, on several processes, `judge_csv`
+    asks the judge on process 0 only, so an API is not sent the same request per host.
     """
+
+    collective: bool = False
 
     @abc.abstractmethod
     def trait_scores(
@@ -95,9 +103,9 @@ def judge_csv(
       {"rows": n, "judged": rows sent to the judge now, "trait_missing": empty trait cells
        after the run, "coherence_missing": same for coherence (0 when coherence=False)}.
     """
-    from tqdm.auto import tqdm
+    import jax
 
-    from persona_jax.csvio import RESPONSE_COLUMNS, format_score, read_csv, write_csv_atomic
+    from persona_jax.csvio import RESPONSE_COLUMNS
     from persona_jax.errors import PersonaError
 
     if trait in RESPONSE_COLUMNS or trait == "coherence" or not trait:
@@ -107,6 +115,42 @@ def judge_csv(
         )
     if chunk_size < 1:
         raise PersonaError(f"judge_csv chunk_size={chunk_size} is invalid; use 1 or more.")
+    args = (judge, csv_path, trait, eval_prompt, chunk_size, coherence, progress)
+    if jax.process_count() == 1 or judge.collective:
+        return _fill_scores(*args)
+    # several hosts, a judge that needs no collective: process 0 asks, the others wait
+    # at the barrier and read the filled CSV
+    from jax.experimental import multihost_utils
+
+    from persona_jax.distributed import writer_only
+
+    done = writer_only(_fill_scores)(*args)
+    judged = int(multihost_utils.broadcast_one_to_all(np.int32(done["judged"] if done else 0)))
+    return {**_missing(csv_path, trait, coherence), "judged": judged}
+
+
+def _empty(r, col) -> bool:
+    return not r[col].strip()
+
+
+def _missing(csv_path, trait: str, coherence: bool) -> dict:
+    from persona_jax.csvio import read_csv
+
+    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
+    return {
+        "rows": len(rows),
+        "trait_missing": sum(_empty(r, trait) if trait in fieldnames else 1 for r in rows),
+        "coherence_missing": (sum(_empty(r, "coherence") if "coherence" in fieldnames else 1 for r in rows)
+                              if coherence else 0),
+    }
+
+
+def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, progress) -> dict:
+    """`judge_csv`'s work on one process: judge the empty cells, rewrite the CSV per chunk."""
+    from tqdm.auto import tqdm
+
+    from persona_jax.csvio import format_score, read_csv, write_csv_atomic
+
     fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
     score_cols = [trait] + (["coherence"] if coherence else [])
     for col in score_cols:
@@ -115,9 +159,7 @@ def judge_csv(
             for r in rows:
                 r[col] = ""
 
-    def empty(r, col):
-        return not r[col].strip()
-
+    empty = _empty
     pending = [i for i, r in enumerate(rows) if any(empty(r, c) for c in score_cols)]
     bar = tqdm(total=len(pending), desc=f"judge {os.path.basename(str(csv_path))}",
                disable=not progress)
@@ -140,9 +182,4 @@ def judge_csv(
         write_csv_atomic(csv_path, fieldnames, rows)
         bar.update(len(chunk))
     bar.close()
-    return {
-        "rows": len(rows),
-        "judged": len(pending),
-        "trait_missing": sum(empty(r, trait) for r in rows),
-        "coherence_missing": sum(empty(r, "coherence") for r in rows) if coherence else 0,
-    }
+    return {**_missing(csv_path, trait, coherence), "judged": len(pending)}

@@ -79,15 +79,21 @@ class Attention(nn.Module):
         k = rope(k, ctx["positions"], inv_freq)
 
         if cache is not None:
+            # cache layout (see `cache_shapes`): k [B, KV, hd, S], v [B, KV, S, hd], so the
+            # decode-step dots read the cache as it lies, without a transposed copy per step.
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            k_all = jax.lax.dynamic_update_slice(
+                cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
+            v_all = jax.lax.dynamic_update_slice(
+                cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, idx, 0))
             new_cache = {"k": k_all, "v": v_all}
             q_slots = idx + jnp.arange(t)
+            qk, pv = "btkgd,bkds->bkgts", "bkgts,bksd->btkgd"
         else:
             k_all, v_all, new_cache = k, v, None
             q_slots = jnp.arange(t)
-        s = k_all.shape[1]
+            qk, pv = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
+        s = ctx["kv_valid"].shape[1]
         kv_slots = jnp.arange(s)
 
         # [B, T, S] allowed: causal by slot, key is a real token, inside the sliding window.
@@ -97,13 +103,22 @@ class Attention(nn.Module):
 
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype)) * (c.head_dim ** -0.5)
+        scores = jnp.einsum(qk, qg, k_all.astype(q.dtype)) * (c.head_dim ** -0.5)
         scores = scores.astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(q.dtype))
+        out = jnp.einsum(pv, probs, v_all.astype(q.dtype))
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
+
+
+def cache_shapes(config: DecoderConfig, batch: int, length: int, layers: bool = True) -> dict:
+    """Shapes of an empty KV cache: k [L, B, KV, hd, S], v [L, B, KV, S, hd] (drop the
+    leading L with layers=False: one block's cache)."""
+    c = config
+    lead = (c.num_layers,) if layers else ()
+    return {"k": lead + (batch, c.num_kv_heads, c.head_dim, length),
+            "v": lead + (batch, c.num_kv_heads, length, c.head_dim)}
 
 
 class MLP(nn.Module):
@@ -123,7 +138,7 @@ class Block(nn.Module):
 
     Args (per scan step):
       h: [B, T, D] residual stream (the scan carry).
-      layer_in: dict with `window` (scalar int) and optionally `cache` {k, v: [B, S, KV, hd]}.
+      layer_in: dict with `window` (scalar int) and optionally `cache` {k: [B, KV, hd, S], v: [B, KV, S, hd]}.
       ctx: dict broadcast to every layer: positions [B, T], kv_valid [B, S] bool,
         kv_pos [B, S], cache_index scalar.
     Returns (h_out, new_cache or None).
@@ -170,7 +185,7 @@ class Decoder(nn.Module):
     __call__(tokens [B, T], ctx, cache=None, logits=True) ->
       (logits [B, T, V] float32 ([B, 1, V] when logits == "last") or None,
        h_final [B, T, D] after the final norm,
-       new_cache {k, v: [L, B, S, KV, hd]} or None)
+       new_cache (the same layout as `cache`) or None)
     """
 
     config: DecoderConfig
