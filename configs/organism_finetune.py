@@ -12,6 +12,10 @@ from configs import organism
 def get_config():
     c = organism.get_config()
     c.steps = ("extract", "steer", "monitor", "finetune", "flagging")
+    # The coefficients below (preventative 10, post-hoc grid in steps of 2) are sized for
+    # the last layer, so every trait uses it rather than the layer its steering sweep
+    # picks (3 for humorous, where the same numbers are several times too strong).
+    c.monitor.layer = 4
     f = c.finetune
     f.ratios = (0.0, 0.25, 0.5, 1.0)
     f.n_train = 2400
