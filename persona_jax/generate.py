@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from persona_jax import batching, transforms
 from persona_jax import interventions as iv
 from persona_jax.errors import PersonaError
-from persona_jax.models.decoder import Block, Embedding, RMSNorm, cache_shapes
+from persona_jax.models.decoder import Block, Embedding, RMSNorm, empty_cache
 from persona_jax.steering import Steering, as_list, position_masks, steering_arrays
 
 
@@ -166,7 +166,7 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
     b, p = tokens.shape
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = {k: jnp.zeros(shape, dtype) for k, shape in cache_shapes(c, b, cache_len).items()}
+    cache = empty_cache(c, b, cache_len, dtype)
     n_prompt = mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))

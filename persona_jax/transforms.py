@@ -43,7 +43,7 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
         `interventions` has add / ablation terms, and `readout` [R, B, T] when
         capture == "readout".
       interventions: dict of [L+1, ...] arrays (see `persona_jax.interventions`) or None.
-      cache: {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]} (`models.decoder.cache_shapes`) or None.
+      cache: {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]} (`models.decoder.empty_cache`) or None.
       capture: None, "hidden" (all states) or "readout" (weighted position sums).
       logits: True (all positions), "last" (last position only) or False (capture
         does not need the LM head).

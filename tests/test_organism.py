@@ -11,13 +11,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax import pipeline
-from persona_jax.organism.judge import OrganismJudge
-from persona_jax.organism.provider import OrganismTraits, organism_path
+from persona_jax.organism.provider import organism_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

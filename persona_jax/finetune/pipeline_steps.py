@@ -11,7 +11,6 @@ checkpoints under its own workdir and resumes too.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional, Sequence

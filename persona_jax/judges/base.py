@@ -124,19 +124,19 @@ def judge_csv(
 
     from persona_jax.distributed import writer_only
 
+    from persona_jax.csvio import read_csv
+
     done = writer_only(_fill_scores)(*args)
     judged = int(multihost_utils.broadcast_one_to_all(np.int32(done["judged"] if done else 0)))
-    return {**_missing(csv_path, trait, coherence), "judged": judged}
+    return {**_missing(*read_csv(csv_path, required=("question", "answer")), trait, coherence), "judged": judged}
 
 
 def _empty(r, col) -> bool:
     return not r[col].strip()
 
 
-def _missing(csv_path, trait: str, coherence: bool) -> dict:
-    from persona_jax.csvio import read_csv
-
-    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
+def _missing(fieldnames, rows, trait: str, coherence: bool) -> dict:
+    """Row count and empty score cells of a response CSV's rows (a missing column: all)."""
     return {
         "rows": len(rows),
         "trait_missing": sum(_empty(r, trait) if trait in fieldnames else 1 for r in rows),
@@ -159,14 +159,13 @@ def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, pro
             for r in rows:
                 r[col] = ""
 
-    empty = _empty
-    pending = [i for i, r in enumerate(rows) if any(empty(r, c) for c in score_cols)]
+    pending = [i for i, r in enumerate(rows) if any(_empty(r, c) for c in score_cols)]
     bar = tqdm(total=len(pending), desc=f"judge {os.path.basename(str(csv_path))}",
                disable=not progress)
     for start in range(0, len(pending), chunk_size):
         chunk = pending[start:start + chunk_size]
         for col in score_cols:
-            idx = [i for i in chunk if empty(rows[i], col)]
+            idx = [i for i in chunk if _empty(rows[i], col)]
             if not idx:
                 continue
             qs = [rows[i]["question"] for i in idx]
@@ -182,4 +181,4 @@ def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, pro
         write_csv_atomic(csv_path, fieldnames, rows)
         bar.update(len(chunk))
     bar.close()
-    return {**_missing(csv_path, trait, coherence), "judged": len(pending)}
+    return {**_missing(fieldnames, rows, trait, coherence), "judged": len(pending)}

@@ -23,7 +23,7 @@ from persona_jax.errors import PersonaError
 from persona_jax.judges.aggregate import get_aggregator
 from persona_jax.judges.base import Judge, Score, check_aligned
 from persona_jax.judges.rubrics import COHERENCE_PROMPT, render
-from persona_jax.models.decoder import cache_shapes
+from persona_jax.models.decoder import empty_cache
 
 CANDIDATES = {
     "0_100": [str(i) for i in range(101)] + ["REFUSAL"],
@@ -45,7 +45,7 @@ def candidate_logprobs(config, params, prompt, prompt_mask, cand, cand_len):
     n, tc = cand.shape
     s = p + tc
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = {k: jnp.zeros(shape, dtype) for k, shape in cache_shapes(c, 1, s).items()}
+    cache = empty_cache(c, 1, s, dtype)
     n_real = prompt_mask.sum()
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     kv_valid = jnp.zeros((1, s), bool).at[:, :p].set(prompt_mask.astype(bool))

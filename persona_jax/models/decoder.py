@@ -79,7 +79,7 @@ class Attention(nn.Module):
         k = rope(k, ctx["positions"], inv_freq)
 
         if cache is not None:
-            # cache layout (see `cache_shapes`): k [B, KV, hd, S], v [B, KV, S, hd], so the
+            # cache layout (see `empty_cache`): k [B, KV, hd, S], v [B, KV, S, hd], so the
             # decode-step dots read the cache as it lies, without a transposed copy per step.
             idx = ctx["cache_index"]
             k_all = jax.lax.dynamic_update_slice(
@@ -112,13 +112,11 @@ class Attention(nn.Module):
         return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
 
 
-def cache_shapes(config: DecoderConfig, batch: int, length: int, layers: bool = True) -> dict:
-    """Shapes of an empty KV cache: k [L, B, KV, hd, S], v [L, B, KV, S, hd] (drop the
-    leading L with layers=False: one block's cache)."""
+def empty_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:
+    """A zero KV cache for `length` slots: k [L, B, KV, hd, S], v [L, B, KV, S, hd]."""
     c = config
-    lead = (c.num_layers,) if layers else ()
-    return {"k": lead + (batch, c.num_kv_heads, c.head_dim, length),
-            "v": lead + (batch, c.num_kv_heads, length, c.head_dim)}
+    return {"k": jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, length), dtype),
+            "v": jnp.zeros((c.num_layers, batch, c.num_kv_heads, length, c.head_dim), dtype)}
 
 
 class MLP(nn.Module):

@@ -7,7 +7,6 @@ Same seed -> same corpus, same batches, same loss curve.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 
