@@ -9,7 +9,10 @@ Figures: init + compile time of capture; capture tokens/s (all L+1 states, three
 reductions) vs the reference procedure (HF, one sample per forward with
 output_hidden_states); capture model-FLOPs utilisation (2 x matmul params x tokens +
 causal attention, over the chip's peak dense bf16); greedy decode tokens/s at the same
-batch vs HF `generate`. Weights are random (nothing is downloaded); the two sides have
+batch vs HF `generate`; then, while the time budget lasts, steered greedy decode (a
+per-row coefficient at the middle layer, HF with a forward hook) and sampled decode;
+peak device memory of each side. Rows print as they are measured, so a run cut short
+still reports what it finished. Weights are random (nothing is downloaded); the two sides have
 different random weights of the same shapes, which does not change the work done.
 """
 import argparse
@@ -23,6 +26,7 @@ from persona_jax import transforms
 from persona_jax.capture import capture_arrays
 from persona_jax.generate import SamplingParams, generate_arrays
 from persona_jax.models.config import DecoderConfig
+from persona_jax.steering import Steering, position_masks, steering_arrays
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -41,7 +45,8 @@ def main():
     p = argparse.ArgumentParser()
     for name, default in (("layers", 28), ("hidden", 3584), ("heads", 28), ("kv", 4), ("ffn", 18944),
                           ("vocab", 152064), ("seq", 512), ("capture_batch", 16), ("decode_batch", 64),
-                          ("prompt_len", 128), ("new_tokens", 128), ("ref_samples", 16), ("reps", 3)):
+                          ("prompt_len", 128), ("new_tokens", 128), ("ref_samples", 16), ("reps", 3),
+                          ("budget_s", 300)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--no_torch", action="store_true", help="skip the transformers side")
     a = p.parse_args()
@@ -54,6 +59,11 @@ def main():
                            num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv, head_dim=hd, qkv_bias=True,
                            rope_theta=1e6, eos_token_ids=(1,), pad_token_id=0)
     rows = []
+    start = time.perf_counter()
+
+    def row(*r):
+        rows.append(r)
+        print("| " + " | ".join(r) + " |", flush=True)
 
     # init + compile
     t0 = time.perf_counter()
@@ -68,7 +78,7 @@ def main():
     t0 = time.perf_counter()
     compiled = capture_arrays.lower(config, params, tokens, pl, tl).compile()
     t_compile = time.perf_counter() - t0
-    rows.append(("init (random bf16 weights) + compile of capture", f"{t_init:.1f} s + {t_compile:.1f} s", "", "< 180 s"))
+    row("init (random bf16 weights) + compile of capture", f"{t_init:.1f} s + {t_compile:.1f} s", "", "< 180 s")
 
     # capture throughput and MFU
     sec = timed(lambda: compiled(params, tokens, pl, tl), a.reps)
@@ -102,36 +112,79 @@ def main():
 
         ref_tok_s = min(a.ref_samples, b) * t / timed(ref, 1, sync=lambda o: o)
 
-    rows.append(("capture tokens/s (all states, 3 reductions)", f"{tok_s:,.0f}",
-                 f"{ref_tok_s:,.0f}" if ref_tok_s else "", f"{tok_s / ref_tok_s:.1f}x (>= 10x)" if ref_tok_s else ""))
-    rows.append(("capture model-FLOPs utilisation", f"{100 * mfu:.0f}%" if peak else "n/a (unknown peak)", "", ">= 50%"))
+    row("capture tokens/s (all states, 3 reductions)", f"{tok_s:,.0f}",
+        f"{ref_tok_s:,.0f}" if ref_tok_s else "", f"{tok_s / ref_tok_s:.1f}x (>= 10x)" if ref_tok_s else "")
+    row("capture model-FLOPs utilisation", f"{100 * mfu:.0f}%" if peak else "n/a (unknown peak)", "", ">= 50%")
 
-    # greedy decode at batch decode_batch
+    # decode at batch decode_batch: greedy, then (time permitting) steered and sampled
     bd, pl_len, nt = a.decode_batch, a.prompt_len, a.new_tokens
     ptoks = jnp.asarray(rng.integers(2, a.vocab, (bd, pl_len)), jnp.int32)
     mask = jnp.ones((bd, pl_len), jnp.int32)
-    sp = SamplingParams(max_new_tokens=nt, greedy=True, use_top_k=False, use_top_p=False, eos_ids=(1,), pad_id=0)
     keys = jax.random.split(jax.random.PRNGKey(0), bd)
-    run = lambda: generate_arrays(config, params, ptoks, mask, keys, jnp.float32(0), jnp.int32(0), jnp.float32(1),
-                                  jnp.int32(nt), sp=sp, cache_len=pl_len + nt)[0]
-    dec_s = bd * nt / timed(run, a.reps)
-    if not a.no_torch:
-        pids = torch.as_tensor(np.asarray(ptoks), device=tdev)
+    layer = a.layers // 2
+    vec = (rng.standard_normal((a.layers + 1, a.hidden)) / np.sqrt(a.hidden)).astype(np.float32)
+    coefs = np.linspace(-4, 4, bd).astype(np.float32)
 
-        def hf_gen():
-            with torch.no_grad():
-                o = tm.generate(pids, attention_mask=torch.ones_like(pids), max_new_tokens=nt, min_new_tokens=nt,
-                                do_sample=False, pad_token_id=0, eos_token_id=1)
+    def ours(greedy, steer):
+        sp = SamplingParams(max_new_tokens=nt, greedy=greedy, use_top_k=False, use_top_p=not greedy,
+                            eos_ids=(1,), pad_id=0)
+        extra = ()
+        if steer:
+            s = [Steering(vec, layer=layer, coef=list(coefs), positions="all")]
+            extra = (steering_arrays(s, a.layers, a.hidden, np.arange(bd), bd),
+                     position_masks(s, "prefill", np.ones((bd, pl_len), np.int32)),
+                     position_masks(s, "decode", np.ones((bd, 1), np.int32)))
+        return lambda: generate_arrays(config, params, ptoks, mask, keys, jnp.float32(0 if greedy else 1),
+                                       jnp.int32(0), jnp.float32(0.9), jnp.int32(nt), *extra, sp=sp,
+                                       cache_len=pl_len + nt)[0]
+
+    def theirs(greedy, steer):
+        pids = torch.as_tensor(np.asarray(ptoks), device=tdev)
+        c = torch.as_tensor(coefs, device=tdev, dtype=torch.bfloat16).view(-1, 1, 1)
+        v = torch.as_tensor(vec[layer], device=tdev, dtype=torch.bfloat16)
+
+        def hook(module, args, out):  # vec[l] is added to block l's output (METHOD.md layer convention)
+            return (out[0] + c * v,) + tuple(out[1:]) if isinstance(out, tuple) else out + c * v
+
+        def run():
+            handles = [tm.model.layers[layer - 1].register_forward_hook(hook)] if steer else []
+            try:
+                with torch.no_grad():
+                    o = tm.generate(pids, attention_mask=torch.ones_like(pids), max_new_tokens=nt,
+                                    min_new_tokens=nt, do_sample=not greedy, top_p=0.9, top_k=0,
+                                    temperature=1.0, pad_token_id=0, eos_token_id=1)
+            finally:
+                for h in handles:
+                    h.remove()
             if tdev == "cuda":
                 torch.cuda.synchronize()
             return o
+        return run
 
-        gen_hf = bd * nt / timed(hf_gen, 1, sync=lambda o: o)
-    rows.append((f"greedy decode tokens/s, batch {bd}, {nt} new tokens", f"{dec_s:,.0f}",
-                 f"{gen_hf:,.0f}" if gen_hf else "", f"{dec_s / gen_hf:.1f}x (>= 2x)" if gen_hf else ""))
+    cases = (("greedy", True, False, ">= 2x"), ("greedy + steering (per-row coef)", True, True, ""),
+             ("sampled (T=1, top-p 0.9)", False, False, ""))
+    for n, (name, greedy, steer, target) in enumerate(cases):
+        if n and time.perf_counter() - start > a.budget_s:
+            print(f"(skipped {name}: past the {a.budget_s} s budget)", flush=True)
+            continue
+        t0 = time.perf_counter()
+        dec_s = bd * nt / timed(ours(greedy, steer), a.reps)
+        t_first = time.perf_counter() - t0
+        hf_s = None if a.no_torch else bd * nt / timed(theirs(greedy, steer), 1, sync=lambda o: o)
+        ratio = f"{dec_s / hf_s:.1f}x" if hf_s else ""
+        row(f"{name} decode tokens/s, batch {bd}, {nt} new (compile + runs {t_first:.0f} s)", f"{dec_s:,.0f}",
+            f"{hf_s:,.0f}" if hf_s else "", f"{ratio} ({target})" if target and ratio else ratio)
 
-    print(f"device: {kind}; jax {jax.__version__}; model: {a.layers} layers x {a.hidden} wide, "
-          f"{(matmul_params + 2 * a.vocab * a.hidden) / 1e9:.2f}B params, bf16; capture batch {b} x {t}")
+    stats = getattr(dev, "memory_stats", lambda: None)() or {}
+    hf_peak = torch.cuda.max_memory_allocated() / 2**30 if not a.no_torch and tdev == "cuda" else None
+    pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)) / 2**30
+    row(f"peak device memory (weights {pbytes:.1f} GiB)",
+        f"{stats['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in stats else "n/a",
+        f"{hf_peak:.1f} GiB" if hf_peak else "", "")
+
+    print(f"\ndevice: {kind}; jax {jax.__version__}; model: {a.layers} layers x {a.hidden} wide, "
+          f"{(matmul_params + 2 * a.vocab * a.hidden) / 1e9:.2f}B params, bf16; capture batch {b} x {t}; "
+          f"total {time.perf_counter() - start:.0f} s")
     print("| figure | persona_jax | transformers | ratio (target) |")
     print("|---|---|---|---|")
     for r in rows:

@@ -12,6 +12,7 @@ def get_config():
     c.dtype = "bfloat16"  # "float32" | "bfloat16"
     c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all devices on that axis
     c.distributed = False  # multi-host: call jax.distributed.initialize() first
+    c.scan_decode = False  # True: decode holds the weights once (slower; see Model.scan_decode)
     c.seed = 0
     c.traits = ("evil",)
     c.trait_source = "files"  # "files" (trait_dir, reference layout) | "organism"

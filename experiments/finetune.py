@@ -36,7 +36,8 @@ def main(argv):
         raise PersonaError("set --config.data to a training JSONL")
     maybe_initialize_distributed(cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
-    model = load_model(runner.model_path(cfg), dtype=cfg.dtype, mesh=runner.mesh_from(cfg))
+    model = load_model(runner.model_path(cfg), dtype=cfg.dtype, mesh=runner.mesh_from(cfg),
+                       scan_decode=cfg.scan_decode)
     f = cfg.finetune
     tok = model.require_tokenizer()
     examples, stats = fdata.load_jsonl(cfg.data, tok, max_length=int(f.max_length), overflow=f.overflow)

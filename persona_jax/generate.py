@@ -146,10 +146,10 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
     return logits.astype(jnp.float32), new_caches
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len", "scan_decode"))
 def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
-                    cache_len: int):
+                    cache_len: int, scan_decode: bool = False):
     """Prefill + on-device decode loop.
 
     Args:
@@ -159,6 +159,8 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
       interventions: intervention arrays [L+1, K, ...] or None.
       prefill_pos / decode_pos: {add_pos, abl_pos} masks [K, B, P] / [K, B, 1].
       sp: static sampling params; cache_len: S >= P + max_new_tokens.
+      scan_decode: decode with the scanned decoder (no second copy of the block weights)
+        instead of `decode_step`'s unrolled per-layer buffers.
 
     Returns (new_tokens [B, max_new_tokens] int32, padded with pad_id after EOS,
              lengths [B] int32 counting tokens up to and including EOS).
@@ -177,7 +179,8 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
     logits, _, cache = transforms.decoder_apply(
         c, params, tokens, ctx, interventions=interventions, cache=cache, logits="last")
     first = _pick(logits[:, -1], row_keys, 0, temperature, top_k, top_p, min_new, sp)
-    layers, cache, rows = per_layer(c, params, cache, interventions)
+    if not scan_decode:
+        layers, cache, rows = per_layer(c, params, cache, interventions)
 
     eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,))
     out = jnp.full((b, sp.max_new_tokens), sp.pad_id, jnp.int32).at[:, 0].set(first)
@@ -195,7 +198,12 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
         dctx = transforms.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
                                    cache_index=slot, kv_valid=kv_valid, kv_pos=kv_pos)
         dctx.update(decode_pos or {})
-        logits, cache = decode_step(c, params, layers, last[:, None], dctx, cache, rows)
+        if scan_decode:
+            logits, _, cache = transforms.decoder_apply(
+                c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
+            logits = logits[:, -1]
+        else:
+            logits, cache = decode_step(c, params, layers, last[:, None], dctx, cache, rows)
         nxt = _pick(logits, row_keys, step, temperature, top_k, top_p, min_new, sp)
         nxt = jnp.where(done, sp.pad_id, nxt)
         out = out.at[:, step].set(nxt)
@@ -293,7 +301,7 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
         out, lengths = generate_arrays(
             model.config, model.params, tokens, mask, keys, jnp.float32(temperature),
             jnp.int32(top_k or 0), jnp.float32(top_p), jnp.int32(min_new_tokens),
-            interventions, prefill_pos, decode_pos, sp=sp, cache_len=cache_len)
+            interventions, prefill_pos, decode_pos, sp=sp, cache_len=cache_len, scan_decode=model.scan_decode)
         out, lengths = batching.to_host(out), batching.to_host(lengths)
         for j, r in enumerate(rows):
             new_tokens[r] = out[j, : lengths[j]].tolist()

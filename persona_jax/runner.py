@@ -59,7 +59,7 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg))
+    model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg), scan_decode=cfg.scan_decode)
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
     judge = make_judge(cfg.judge, workdir) if need_judge else None
     return model, judge, trait_source(cfg)

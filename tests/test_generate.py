@@ -233,6 +233,19 @@ def test_min_new_tokens_and_per_row_eos(llama, llama_greedy):
     assert len(set(lengths[0])) > 1  # rows stop independently
 
 
+def test_scanned_decode_matches_hf_generate_and_hooks(llama, vec):
+    """`Model.scan_decode` (the scanned decoder in the decode loop, weights held once) gives
+    the same tokens as transformers, plain and with a per-row steering hook."""
+    import dataclasses
+    _, torch_model, model = llama
+    scanned = dataclasses.replace(model, scan_decode=True)
+    got = generate(scanned, PROMPTS, N, temperature=0, batch_size=BS, return_tokens=True).tokens
+    assert got == hf_generate(torch_model, model.tokenizer, PROMPTS, N)
+    got = generate(scanned, PROMPTS, N, temperature=0, batch_size=BS, return_tokens=True,
+                   steering=Steering(vec, layer=2, coef=COEFS)).tokens
+    assert got == hf_generate(torch_model, model.tokenizer, PROMPTS, N, hooks=[(2, add_hook(vec[2], COEFS, "all"))])
+
+
 # ----------------------------------------------------------------------------- steering
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
 def test_steered_greedy_matches_hf_hook(llama, vec, llama_greedy, positions):

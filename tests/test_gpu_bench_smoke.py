@@ -15,3 +15,16 @@ def test_gpu_bench_runs_on_tiny_shapes():
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| capture tokens/s" in r.stdout and "| greedy decode tokens/s, batch 4" in r.stdout
+
+
+def test_gpu_side_scripts_run_on_tiny_shapes():
+    env = {**os.environ, "PYTHONPATH": ROOT, "SMOKE": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/gpu_mfu_breakdown.py"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "capture 64x128" in r.stdout
+    r = subprocess.run([sys.executable, "benchmarks/gpu_decode_modes.py", "--layers=2", "--hidden=64", "--heads=4",
+                        "--kv=2", "--ffn=128", "--vocab=512", "--decode_batch=4", "--prompt_len=16",
+                        "--new_tokens=8", "--reps=1"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| scanned |" in r.stdout and "same tokens 100.0%" in r.stdout
