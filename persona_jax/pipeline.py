@@ -8,6 +8,7 @@ a step whose summary exists is skipped, so a killed pipeline resumes where it st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -100,6 +101,27 @@ def write_summary(path: str, data: dict):
         json.dump(data, f, indent=2, default=_jsonable)
 
 
+def resumable_step(filename: str):
+    """Make `fn(model, judge, source, name, cfg, workdir, ...) -> summary` a resumable step.
+
+    The step writes its summary to `workdir/<trait>/<filename>` when it finishes and is
+    skipped (the summary read back) when that file exists, so a killed run resumes at the
+    first unfinished step; `workdir/<trait>/` exists when `fn` runs.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def step(model, judge, source, name, cfg, workdir, *args, **kwargs):
+            out = os.path.join(workdir, name, filename)
+            if (done := done_summary(out)) is not None:
+                return done
+            os.makedirs(os.path.join(workdir, name), exist_ok=True)
+            summary = fn(model, judge, source, name, cfg, workdir, *args, **kwargs)
+            write_summary(out, summary)
+            return summary
+        return step
+    return wrap
+
+
 def _jsonable(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
@@ -112,12 +134,9 @@ def _nan_to_none(values):
     return [None if (v is None or (isinstance(v, float) and np.isnan(v))) else float(v) for v in values]
 
 
+@resumable_step("extract.json")
 def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
-    out = os.path.join(workdir, name, "extract.json")
-    if (done := done_summary(out)) is not None:
-        return done
     d = os.path.join(workdir, name)
-    os.makedirs(d, exist_ok=True)
     trait = source.extract_trait(name)
     e = cfg.extract
     pos_csv, neg_csv = ex.generate_contrastive(model, trait, d, sampling_from(e, cfg.seed), int(e.n_per_question),
@@ -127,10 +146,8 @@ def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workd
                                           ex.FilterRule(float(e.threshold), float(e.coherence_threshold)),
                                           batch_size=int(e.capture_batch_size), progress=progress)
     paths = ex.save_vectors(vectors, d, name, model.name, stats["n_kept"], config=e.to_dict())
-    summary = {**stats, "vectors": paths,
-               "vector_norms": {r: np.linalg.norm(v, axis=-1).round(4).tolist() for r, v in vectors.items()}}
-    write_summary(out, summary)
-    return summary
+    return {**stats, "vectors": paths,
+            "vector_norms": {r: np.linalg.norm(v, axis=-1).round(4).tolist() for r, v in vectors.items()}}
 
 
 def load_step_vector(workdir, name, reduction, model):
@@ -141,10 +158,8 @@ def load_step_vector(workdir, name, reduction, model):
     return v
 
 
+@resumable_step("steer.json")
 def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, progress=True) -> dict:
-    out = os.path.join(workdir, name, "steer.json")
-    if (done := done_summary(out)) is not None:
-        return done
     s = cfg.steer
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
@@ -180,7 +195,7 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
                 if len(upto) >= 3 else float("nan"))
     neg_base = float(neg.trait[0, 0])
     _, neg_coef, neg_gain = neg.best(neg_base, float(s.coherence_floor), sign=-1.0)
-    summary = {
+    return {
         "reduction": s.reduction,
         "layer": int(layer),
         "baseline": baseline,
@@ -200,15 +215,11 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
         "negative_delta": None if neg_coef is None else -float(neg_gain),
         "negative_coef": neg_coef,
     }
-    write_summary(out, summary)
-    return summary
 
 
+@resumable_step("monitor.json")
 def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workdir: str, layer: int,
                  progress=True) -> dict:
-    out = os.path.join(workdir, name, "monitor.json")
-    if (done := done_summary(out)) is not None:
-        return done
     m = cfg.monitor
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
@@ -218,7 +229,6 @@ def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workd
                                 trait.eval_prompt, os.path.join(d, "monitor.csv"), sampling_from(m, cfg.seed + 2),
                                 int(m.n_per_question), progress=progress)
     mon.plot_monitor(result, os.path.join(d, "monitoring.png"), name)
-    write_summary(out, result)
     return result
 
 

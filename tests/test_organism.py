@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import persona_jax as pj
@@ -85,3 +86,13 @@ def test_pipeline_end_to_end_on_the_organism(tmp_path):
     assert mo["n_conditions"] >= 8 and mo["pearson_r"] >= 0.75
     # steering with the persona vector raises the trait (positive direction is right)
     assert max(t for t in st["trait_scores"] if t is not None) > st["baseline"] + 5
+
+    # resume: finished steps are skipped (their summaries untouched), a missing one is redone
+    kept = {f: (wd / "evil" / f).stat().st_mtime_ns for f in ("extract.json", "steer.json")}
+    (wd / "evil" / "monitor.json").unlink()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {f: (wd / "evil" / f).stat().st_mtime_ns for f in kept} == kept
+    again = json.loads((wd / "report.json").read_text())["traits"]["evil"]
+    assert again["steering"] == st and again["extraction"] == ext
+    assert again["monitoring"]["pearson_r"] == pytest.approx(mo["pearson_r"])

@@ -78,12 +78,10 @@ def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) 
     return dataclasses.replace(model, params=result.merged_params(), name=f"{model.name}+{os.path.basename(workdir)}")
 
 
+@pl.resumable_step("finetune.json")
 def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
     and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model."""
-    out = os.path.join(workdir, name, "finetune.json")
-    if (done := pl.done_summary(out)) is not None:
-        return done
     f = cfg.finetune
     d = os.path.join(workdir, name, "finetune")
     os.makedirs(d, exist_ok=True)
@@ -140,16 +138,13 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
                                               [runs[k]["trait_change"] for k in labels]),
     }
     summary["markdown"] = _markdown(name, summary)
-    pl.write_summary(out, summary)
     return summary
 
 
+@pl.resumable_step("flagging.json")
 def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Projection difference on the subtle mix (AUROC vs labels, a cleaned JSONL) and, after
     the finetune step, the dataset-level ranking of the mix datasets."""
-    out = os.path.join(workdir, name, "flagging.json")
-    if (done := pl.done_summary(out)) is not None:
-        return done
     f = cfg.flagging
     d = os.path.join(workdir, name, "flagging")
     os.makedirs(d, exist_ok=True)
@@ -177,7 +172,6 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
             after.append(ft["datasets"][label]["trait"])
         summary["dataset_mean_delta"] = dict(zip(datasets, means))
         summary["dataset_rank_spearman"] = spearman(means, after)
-    pl.write_summary(out, summary)
     return summary
 
 
