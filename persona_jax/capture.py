@@ -60,7 +60,7 @@ def capture_arrays(config, params, tokens, prompt_lens, total_lens, intervention
     """
     t = tokens.shape[1]
     mask = (jnp.arange(t)[None, :] < total_lens[:, None]).astype(jnp.int32)
-    ctx = transforms.make_ctx(mask)
+    ctx = transforms.make_ctx(mask, right_padded=True)  # the mask is a prefix by construction
     ctx["readout"] = readout_weights(prompt_lens, total_lens, t)
     ctx.update(positions_masks or {})
     _, ro, _ = transforms.decoder_apply(config, params, tokens, ctx, interventions=interventions,

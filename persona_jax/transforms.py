@@ -13,17 +13,21 @@ from persona_jax.models.config import DecoderConfig
 from persona_jax.models.decoder import Decoder
 
 
-def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None):
+def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None, right_padded=False):
     """Per-call context broadcast to every block.
 
     attention_mask: [B, T] (1 = real token, 0 = padding). positions default to the count
     of real tokens before each slot, so padded rows get the positions of unpadded ones.
     kv_valid/kv_pos [B, S] default to the mask/positions themselves (no cache).
+    right_padded: the caller guarantees every row's real tokens come first (padding only
+    at the end); cache-free calls may then use a fused causal attention kernel
+    (`DecoderConfig.attention_impl`).
     """
     mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-    return {
+    extra = {"right_padded": True} if right_padded else {}
+    return {**extra,
         "positions": positions.astype(jnp.int32),
         "kv_valid": mask if kv_valid is None else kv_valid.astype(bool),
         "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),

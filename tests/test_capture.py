@@ -5,6 +5,7 @@ three reductions computed here in numpy from `prompt_len` = the token count of t
 prompt text (`tokenizer.encode(prompt, add_special_tokens=False)`), exactly as the
 reference procedure does.
 """
+import dataclasses
 import logging
 
 import numpy as np
@@ -71,9 +72,13 @@ def llama_model(llama_ckpt):
     return pj.load_model(llama_ckpt[0])
 
 
-def test_capture_matches_pytorch_reference(family_ckpt):
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_capture_matches_pytorch_reference(family_ckpt, attention_impl):
+    """`auto` is the einsum path on a CPU; `xla` runs the fused-attention branch (the one
+    cuDNN takes on a GPU) through `jax.nn.dot_product_attention`'s XLA implementation."""
     family, d, torch_model = family_ckpt
     model = pj.load_model(d)
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, attention_impl=attention_impl))
     got = capture(model, PROMPTS, RESPONSES, batch_size=3)
     ref = reference(torch_model, model.tokenizer, PROMPTS, RESPONSES)
     n, l1, dim = len(PROMPTS), model.num_layers + 1, model.hidden_size

@@ -23,6 +23,11 @@ def test_gpu_side_scripts_run_on_tiny_shapes():
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "capture 64x128" in r.stdout
+    for script, marker in (("gpu_attention.py", "| 2 x 128 |"), ("gpu_attention_accuracy.py", "4x2048: bf16 vs float32")):
+        r = subprocess.run([sys.executable, f"benchmarks/{script}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert marker in r.stdout
     r = subprocess.run([sys.executable, "benchmarks/gpu_decode_modes.py", "--layers=2", "--hidden=64", "--heads=4",
                         "--kv=2", "--ffn=128", "--vocab=512", "--decode_batch=4", "--prompt_len=16",
                         "--new_tokens=8", "--reps=1"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -38,6 +38,12 @@ class DecoderConfig:
       layer_windows: per-layer sliding-window size, 0 = full attention.
       max_position_embeddings: informational; not enforced.
       bos_token_id, eos_token_ids, pad_token_id: special tokens from the config.
+      attention_impl: how cache-free causal calls on right-padded rows (capture) compute
+        attention: `auto` (cuDNN's fused kernel on a GPU in bf16/fp16 with head_dim a
+        multiple of 8 up to 128 and no sliding window, else `einsum`), `einsum` (the
+        explicit scores/softmax path every other call uses), `xla` or `cudnn`
+        (`jax.nn.dot_product_attention` with that implementation). Models with sliding
+        windows always take the einsum path.
     """
 
     model_type: str
@@ -66,6 +72,7 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -74,6 +81,8 @@ class DecoderConfig:
             raise ValueError("layer_windows needs one entry per layer")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.attention_impl not in ("auto", "einsum", "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be auto, einsum, xla or cudnn; got {self.attention_impl!r}")
 
     @property
     def num_params(self) -> int:

@@ -57,6 +57,17 @@ def rope(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
+def _fused_impl(c: DecoderConfig, dtype):
+    """`jax.nn.dot_product_attention`'s implementation for a fused call, or None (einsum path)."""
+    if c.attention_impl == "einsum" or any(c.layer_windows):
+        return None
+    if c.attention_impl in ("xla", "cudnn"):
+        return c.attention_impl
+    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and c.head_dim % 8 == 0 and c.head_dim <= 128)
+    return "cudnn" if ok else None
+
+
 class Attention(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype
@@ -77,6 +88,16 @@ class Attention(nn.Module):
         inv_freq = jnp.asarray(c.inv_freq())
         q = rope(q, ctx["positions"], inv_freq)
         k = rope(k, ctx["positions"], inv_freq)
+
+        impl = _fused_impl(c, q.dtype) if cache is None and "right_padded" in ctx else None
+        if impl is not None:
+            # Every row's real tokens are a prefix, so causal masking alone gives the real
+            # positions exactly what the explicit mask would (padded positions attend to
+            # earlier padding too; nothing reads them).
+            out = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5, is_causal=True,
+                                               implementation=impl)
+            out = out.reshape(b, t, c.num_heads * c.head_dim)
+            return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), None
 
         if cache is not None:
             # cache layout (see `empty_cache`): k [B, KV, hd, S], v [B, KV, S, hd], so the
