@@ -16,7 +16,7 @@ import numpy as np
 from persona_jax import transforms
 from persona_jax.capture import capture_arrays
 from persona_jax.models.config import DecoderConfig
-from persona_jax.models.decoder import _fused_impl
+from persona_jax.models.decoder import fused_attention_impl
 
 SMOKE = bool(os.environ.get("SMOKE"))
 L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if SMOKE else (28, 3584, 28, 4, 18944, 152064)
@@ -40,7 +40,7 @@ def main():
                          eos_token_ids=(1,), pad_token_id=0, max_position_embeddings=8192)
     params = jax.jit(lambda k: transforms.init_params(base, k, jnp.bfloat16))(jax.random.PRNGKey(0))
     mm_params = L * (D * hd * H * 2 + D * hd * KV * 2 + 3 * D * F)
-    print(f"device {jax.devices()[0].device_kind}; auto -> {_fused_impl(base, jnp.bfloat16) or 'einsum'}")
+    print(f"device {jax.devices()[0].device_kind}; auto -> {fused_attention_impl(base, jnp.bfloat16) or 'einsum'}")
     print("| batch x length | einsum tokens/s (MFU) | fused tokens/s (MFU) | speed-up | max relative difference |")
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)

@@ -57,7 +57,7 @@ def rope(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
-def _fused_impl(c: DecoderConfig, dtype):
+def fused_attention_impl(c: DecoderConfig, dtype):
     """`jax.nn.dot_product_attention`'s implementation for a fused call, or None (einsum path)."""
     if c.attention_impl == "einsum" or any(c.layer_windows):
         return None
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         q = rope(q, ctx["positions"], inv_freq)
         k = rope(k, ctx["positions"], inv_freq)
 
-        impl = _fused_impl(c, q.dtype) if cache is None and "right_padded" in ctx else None
+        impl = fused_attention_impl(c, q.dtype) if cache is None and "right_padded" in ctx else None
         if impl is not None:
             # Every row's real tokens are a prefix, so causal masking alone gives the real
             # positions exactly what the explicit mask would (padded positions attend to
