@@ -7,12 +7,12 @@ model-FLOPs utilisation and the largest relative difference of the three reducti
 """
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpu_bench import timed  # a sibling script: benchmarks/ is on sys.path when run
 from persona_jax import transforms
 from persona_jax.capture import capture_arrays
 from persona_jax.models.config import DecoderConfig
@@ -22,15 +22,6 @@ SMOKE = bool(os.environ.get("SMOKE"))
 L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if SMOKE else (28, 3584, 28, 4, 18944, 152064)
 SHAPES = ((4, 64), (2, 128)) if SMOKE else ((64, 128), (16, 512), (4, 2048))
 PEAK = 989e12  # H100/H200 dense bf16
-
-
-def timed(fn, reps=3):
-    jax.block_until_ready(fn())
-    t = time.perf_counter()
-    for _ in range(reps):
-        o = fn()
-    jax.block_until_ready(o)
-    return (time.perf_counter() - t) / reps
 
 
 def main():
@@ -52,7 +43,7 @@ def main():
         res = {}
         for impl in ("einsum", "auto"):
             cfg = dataclasses.replace(base, attention_impl=impl)
-            res[impl] = (timed(lambda: capture_arrays(cfg, params, tokens, prompt, total)),
+            res[impl] = (timed(lambda: capture_arrays(cfg, params, tokens, prompt, total), 3),
                          np.asarray(capture_arrays(cfg, params, tokens, prompt, total), np.float32))
         (se, ye), (sf, yf) = res["einsum"], res["auto"]
         rel = float(np.max(np.linalg.norm(yf - ye, axis=-1) / np.maximum(np.linalg.norm(ye, axis=-1), 1e-6)))

@@ -10,12 +10,12 @@ Set XLA_FLAGS to compare compiler options (e.g. --xla_gpu_enable_triton_gemm=fal
 """
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpu_bench import timed  # a sibling script: benchmarks/ is on sys.path when run
 from persona_jax import transforms
 from persona_jax.capture import capture_arrays
 from persona_jax.models.config import DecoderConfig
@@ -25,15 +25,6 @@ L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if SMOKE else (28, 3584, 28, 4, 1894
 HD = D // H
 PEAK = 989e12  # H100/H200 dense bf16
 CHAIN_TOKENS = 64 if SMOKE else 8192
-
-
-def timed(fn, reps=5):
-    jax.block_until_ready(fn())
-    s = time.perf_counter()
-    for _ in range(reps):
-        o = fn()
-    jax.block_until_ready(o)
-    return (time.perf_counter() - s) / reps
 
 
 def main():
@@ -59,10 +50,10 @@ def main():
             return h, None
         return jax.lax.scan(body, x, ws)[0]
 
-    sec = timed(lambda: chain(x, ws))
+    sec = timed(lambda: chain(x, ws), 5)
     res[f"matmuls only, {n} tokens"] = f"{2 * mm_params * n / sec / 1e12:.0f} TF/s = {100 * 2 * mm_params * n / sec / PEAK:.0f}%"
     a, b = jax.random.normal(key, (n, D), jnp.bfloat16), jax.random.normal(key, (D, F), jnp.bfloat16)
-    sec = timed(jax.jit(lambda: a @ b))
+    sec = timed(jax.jit(lambda: a @ b), 5)
     res[f"one dot {n}x{D}x{F}"] = f"{2 * n * D * F / sec / 1e12:.0f} TF/s"
     del ws
 
@@ -77,10 +68,10 @@ def main():
         tok = jnp.asarray(rng.integers(2, V, (bsz, t)), jnp.int32)
         pl, tl = jnp.full((bsz,), t // 4, jnp.int32), jnp.full((bsz,), t, jnp.int32)
         flops = 2 * mm_params * bsz * t + bsz * L * 2 * H * HD * t * (t + 1)
-        sec = timed(lambda: capture_arrays(config, params, tok, pl, tl))
+        sec = timed(lambda: capture_arrays(config, params, tok, pl, tl), 5)
         res[f"capture {bsz}x{t}"] = f"{bsz * t / sec:,.0f} tok/s, MFU {100 * flops / sec / PEAK:.0f}%"
         m = jnp.ones((bsz, t), jnp.int32)
-        sec = timed(lambda: forward(params, tok, m))
+        sec = timed(lambda: forward(params, tok, m), 5)
         res[f"forward (last state only) {bsz}x{t}"] = f"{bsz * t / sec:,.0f} tok/s, MFU {100 * flops / sec / PEAK:.0f}%"
     print(os.environ.get("XLA_FLAGS", "default flags"), json.dumps(res, indent=1), flush=True)
 

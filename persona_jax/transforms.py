@@ -26,13 +26,15 @@ def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_po
     mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-    extra = {"right_padded": True} if right_padded else {}
-    return {**extra,
+    ctx = {
         "positions": positions.astype(jnp.int32),
         "kv_valid": mask if kv_valid is None else kv_valid.astype(bool),
         "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),
         "cache_index": jnp.asarray(cache_index, jnp.int32),
     }
+    if right_padded:  # its presence is the (static) flag the attention reads
+        ctx["right_padded"] = True
+    return ctx
 
 
 def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,

@@ -122,9 +122,8 @@ def judge_csv(
     # at the barrier and read the filled CSV
     from jax.experimental import multihost_utils
 
-    from persona_jax.distributed import writer_only
-
     from persona_jax.csvio import read_csv
+    from persona_jax.distributed import writer_only
 
     done = writer_only(_fill_scores)(*args)
     judged = int(multihost_utils.broadcast_one_to_all(np.int32(done["judged"] if done else 0)))
