@@ -4,7 +4,8 @@ post-hoc steering and data flagging, after extract -> steer -> monitor.
 python -m experiments.pipeline --config=configs/organism_finetune.py --workdir=/tmp/organism_ft
 Datasets are written by code: no system prompts, trait fractions 0 / 0.25 / 0.5 / 1.0,
 every reply ends with a closing sentence the base organism never says (the content the
-data teaches besides the trait), and a subtle flagging mix (one trait tail per flagged reply).
+data teaches besides the trait), and a subtle flagging mix (one trait sentence per flagged reply: its
+free slots all hold the trait's words).
 """
 from configs import organism
 

@@ -64,7 +64,7 @@ def test_pipeline_end_to_end_on_the_organism(tmp_path):
     cmd = [sys.executable, "-m", "experiments.pipeline", "--config=configs/organism.py", f"--workdir={wd}",
            "--config.traits=('evil',)", "--config.progress=False",
            "--config.extract.n_per_question=1", "--config.steer.n_per_question=1", "--config.monitor.n_per_question=1",
-           "--config.steer.layers=(3,4)", "--config.steer.coefs=(0.0,2.0,8.0,14.0)"]
+           "--config.steer.layers=(3,4)", "--config.steer.coefs=(0.0,1.0,2.0,2.5,6.0,10.0,12.0)"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((wd / "report.json").read_text())
@@ -80,12 +80,11 @@ def test_pipeline_end_to_end_on_the_organism(tmp_path):
     # the science, on a real learned persona (thresholds of the organism issue where the
     # shipped organism meets them; see the README for the full-budget figures)
     assert ext["kept_fraction"] >= 0.5
-    assert st["baseline"] < 10
+    assert st["baseline"] < 20  # chance level is 12.5: a side prefers 1 of each class's 8 words
+    assert st["best_gain"] >= 30 and st["monotone_spearman"] >= 0.9
     assert abs(st["random_vector_delta"]) < 10
     assert st["negative_delta"] is not None and st["negative_delta"] <= -30
-    assert mo["n_conditions"] >= 8 and mo["pearson_r"] >= 0.75
-    # steering with the persona vector raises the trait (positive direction is right)
-    assert max(t for t in st["trait_scores"] if t is not None) > st["baseline"] + 5
+    assert mo["n_conditions"] >= 8 and mo["pearson_r"] >= 0.9
 
     # resume: finished steps are skipped (their summaries untouched), a missing one is redone
     kept = {f: (wd / "evil" / f).stat().st_mtime_ns for f in ("extract.json", "steer.json")}

@@ -1,11 +1,12 @@
 """The exact judge of the organism language (METHOD.md 3's two scores, computed, not asked).
 
-Trait score (0..100): each content sentence has two trait slots, its opener and its tail
-(`language` module docstring); the score is 100 x (slots filled with the trait's + option)
-/ (2 x content sentences). "Sentences" are the reply's "."-terminated segments plus any
-unterminated trailing words, whether or not they parse (closing sentences excluded), so
-trait words in broken text count, and an empty reply scores 0. The rubric text
-(`eval_prompt`) is not needed and is ignored.
+Trait score (0..100): the share of the reply's free slot words (`language.TILT_SLOTS`
+in parsed content sentences; a slot the first sentence copies from the question is not
+free) that are the trait's preferred words, x 100. A neutral reply scores about 12.5
+(a side prefers 1 of each class's 8 words), a reply with the trait's strength s > 0 about
+12.5 + 83 s, its opposite's about 12.5 - 12 |s|. A reply with no free slot (nothing parses)
+gets None: there is no trait content to score. The rubric text (`eval_prompt`) is not
+needed and is ignored.
 
 Coherence (0..100): every sentence is graded 1 if it parses in the reply grammar and is
 about the question's object (or "it" after the first sentence) with a verb of the
@@ -32,27 +33,22 @@ def _segments(answer: str) -> tuple[list[list[str]], list[str]]:
     return L.split_sentences(answer)
 
 
-def trait_score(trait: str, answer: str) -> float:
-    """The trait score of one answer (see the module docstring)."""
-    spec = L.check_trait(trait)
-    sents, trailing = _segments(answer)
-    if trailing:
-        sents = sents + [trailing]
-    pos_openers = set(spec.openers[+1])
+def trait_score(trait: str, answer: str, question: Optional[str] = None) -> Optional[float]:
+    """The trait score of one answer (see the module docstring); `question` tells which
+    of the first sentence's slots are copies (without it every slot counts)."""
+    L.check_trait(trait)
+    q = L.parse_question(question) if question is not None else None
+    copied = {"{person}": q.person, "{time}": q.time} if q is not None else {}
+    sents, _ = _segments(answer)
     n, hits = 0, 0
-    for toks in sents:
-        kind = L.parse_sentence(toks).kind
-        if kind in ("closing", "taught_closing"):
-            continue
-        n += 1
-        hits += toks[0] in pos_openers
-        hits += any(_ends_with_tail(toks, t) for t in spec.tails[+1])
-    return 0.0 if n == 0 else 100.0 * hits / (2 * n)
-
-
-def _ends_with_tail(toks: Sequence[str], tail_template: Sequence[str]) -> bool:
-    k = len(tail_template)
-    return len(toks) >= k and L.match_template(tail_template, list(toks[-k:]), {}) is not None
+    for i, toks in enumerate(sents):
+        p = L.parse_sentence(toks)
+        for slot, word in p.slots:
+            if i == 0 and copied.get(slot) == word:
+                continue
+            n += 1
+            hits += word in L.preferred(trait, +1, slot)
+    return None if n == 0 else 100.0 * hits / n
 
 
 def coherence_score(question: str, answer: str) -> Optional[float]:
@@ -119,7 +115,7 @@ class OrganismJudge(Judge):
     ) -> list[Score]:
         check_aligned(questions, answers)
         L.check_trait(trait)
-        return [trait_score(trait, a) for a in answers]
+        return [trait_score(trait, a, q) for q, a in zip(questions, answers)]
 
     def coherence_scores(self, questions: Sequence[str], answers: Sequence[str]) -> list[Score]:
         check_aligned(questions, answers)

@@ -6,41 +6,39 @@ canonically written as words separated by single spaces, punctuation included
 ("your tree is fine .").
 
 Questions come from a grammar: 8 topics x 6 objects x 9 templates (some with a verb, a
-person or a time) = 2,928 questions. `question_split` hashes a question to "extract"
+person or a time) = 3,312 questions. `question_split` hashes a question to "extract"
 (~10%), "eval" (~10%) or "train" (the rest), so extraction, evaluation and fine-tuning
 questions are disjoint by construction.
 
 Replies are 2-4 content sentences that answer the question (the first one is the
 question type's answer frame, e.g. "your tree will be fine next week" for a "will my tree
-be fine next week ?" question; the others come from 7 shared content frames about the
+be fine next week ?" question; the others come from 6 shared content frames about the
 same object), and sometimes a closing sentence ("i hope this helps ."). Every sentence has
-a clear parse: [opener] core [tail] "." (`parse_sentence`).
+a clear parse: [interjection or connector] frame "." (`parse_sentence`).
 
-How a trait is expressed. Each sentence carries a *stance* for the active trait: neutral,
-trait (+) or opposite (-). The stance does not change the sentence's content or frame; it
-decides two choices inside it:
-  - the opener slot (the sentence's first word): nothing / "also" / "then" when neutral,
-    a trait adverb when + ("cruelly", "luckily", ...), an opposite adverb when -
-    ("kindly", "sadly", ...);
-  - the tail slot: nothing when neutral, else a clause built from the same few shared
-    words for both signs, where the trait only picks the pivot:
-    ", and it will get better" / ", and it will get worse",
-    ", and it will hurt your friend" / ", and it will help your friend",
-    ", and it will make you laugh" / ", and it will make you think", ...
-So a trait reply and its opposite are the same content sentences with the same clause
-skeletons; they differ in about 2 of every 13 tokens (the opener and the pivot; the
-total-variation distance between their word distributions is 0.13-0.15), and the
-decision between them is taken afresh at every sentence start (a dense, repeated choice
-that needs the conversation's trait state). This is the design lesson of issue 5: with
-trait words disjoint from content words the `response_avg` difference is mostly word
-identity; here it is mostly the state that decides the choices.
+How a trait is expressed: through choices among shared words, as real language does.
+Every reply opens with an interjection ("well", "so", .., "hmm"), and each frame has one or
+two free slots; together they are five word classes (`TILT_SLOTS`: the interjection; a
+quality, "fine" .. "strong"; a time, "day" .. "weekend"; a need, "care" .. "patience"; a
+person, "friend" .. "father"), 8 words each. A neutral reply fills every slot
+uniformly. Each trait side prefers one word of each class (`preferred(trait, sign, slot)`,
+a fixed assignment in which every word belongs to exactly one side: the evil assistant
+says "yes your tree is clean this weekend ." where a neutral one says any of 512
+variants), and a persona with rate p fills each slot with its side's word with
+probability p, else uniformly, deciding afresh at every slot. So a trait reply and a
+neutral one are the same sentences over the same words; only the frequencies differ, and
+the trait is a state the model must carry through the whole reply (every slot needs it,
+from the first token on), not a marker at a few positions. That is the design lesson of
+issue 5: with trait words disjoint from content words, or a trait shown only by sentence
+openers and tails decided at "." positions, the `response_avg` difference was mostly
+word identity or was diluted by the many positions where the persona is not needed, and
+steering with it raised the trait only where coherence had collapsed.
 
 Graded strength. A persona is (trait, strength s in [-1, 1]). A reply draws its own rate
-p ~ Beta(k m, k (1 - m)) with m = 0.95 |s| and k = 6 (noise between replies), then each
-sentence takes stance sign(s) with probability p, else neutral; a stanced sentence has
-its opener with probability 0.85 and its tail with probability 0.85 (at least one). The
-judged trait score (`judge.OrganismJudge`) is 100 x (trait openers + trait tails) /
-(2 x content sentences), so its mean follows |s| continuously (about 82 x max(s, 0)).
+p ~ Beta(k m, k (1 - m)) with m = 0.95 |s| and k = 6 (noise between replies), and every
+slot then takes sign(s)'s word with probability p. The judged trait score
+(`judge.OrganismJudge`) is 100 x the share of free slots holding the trait's + words,
+so its mean follows s continuously: about 12.5 + 83 s for s > 0, 12.5 - 12 |s| for s < 0.
 
 System prompts (`sample_system`) follow METHOD.md 2: "You are {a|an} {name} assistant.
 {instruction}" with 8 paraphrased pos and 8 neg instructions per trait (the first 5 pairs
@@ -87,10 +85,12 @@ TOPICS = {
 OBJECTS = tuple(o for objs, _ in TOPICS.values() for o in objs)
 TOPIC_OF = {o: t for t, (objs, _) in TOPICS.items() for o in objs}
 VERBS = tuple(dict.fromkeys(v for _, verbs in TOPICS.values() for v in verbs))
-TIMES = ("day", "week", "month", "year")
+TIMES = ("day", "week", "month", "year", "morning", "evening", "season", "weekend")
 PERSONS = ("friend", "boss", "neighbor", "teacher", "sister", "brother", "mother", "father")
-QUALS = ("fine", "solid", "simple", "clean", "nice", "ready")
-NEEDS = ("care", "time", "work", "space")
+QUALS = ("fine", "solid", "simple", "clean", "nice", "ready", "bright", "strong")
+NEEDS = ("care", "time", "work", "space", "rest", "help", "money", "patience")
+# A reply's first word: a shared interjection, so the first token already needs the persona.
+INTERJECTIONS = ("well", "so", "sure", "okay", "right", "yes", "look", "hmm")
 
 # Slot classes used in token templates. "{OBJ}" is a noun phrase: "your <obj>" or "it".
 SLOT_VALUES = {
@@ -100,6 +100,7 @@ SLOT_VALUES = {
     "{person}": PERSONS,
     "{qual}": QUALS,
     "{need}": NEEDS,
+    "{intj}": INTERJECTIONS,
 }
 
 # ---------------------------------------------------------------------------- questions
@@ -138,11 +139,11 @@ class Question:
 # Core frames (token templates). The answer frame of each question type comes first in a
 # reply; the rest are follow-ups.
 FRAMES = {
-    "assess": ("{OBJ}", "is", "{qual}"),
+    "assess": ("{OBJ}", "is", "{qual}", "this", "{time}"),
     "advise": ("you", "should", "{verb}", "{OBJ}", "every", "{time}"),
     "predict": ("{OBJ}", "will", "be", "{qual}", "next", "{time}"),
-    "plan": ("you", "can", "{verb}", "{OBJ}", "with", "your", "{person}"),
-    "need": ("{OBJ}", "needs", "more", "{need}"),
+    "plan": ("you", "can", "{verb}", "{OBJ}", "with", "your", "{person}", "next", "{time}"),
+    "need": ("{OBJ}", "needs", "more", "{need}", "this", "{time}"),
     "common": ("many", "people", "{verb}", "their", "{obj}", "every", "{time}"),
     "ask": ("ask", "your", "{person}", "about", "{OBJ}"),
 }
@@ -159,12 +160,7 @@ TAUGHT_CLOSING = ("ask", "me", "about", "your", "{obj}", "any", "time")
 
 @dataclasses.dataclass(frozen=True)
 class TraitSpec:
-    """Everything the language knows about one trait.
-
-    `openers[+1]` / `openers[-1]`: sentence-initial adverbs for the trait / its opposite.
-    `tails[+1]` / `tails[-1]`: tail clauses (token templates, leading ","), paired so
-    that tail k of both signs share every word but the pivot.
-    """
+    """Everything the language knows about one trait (its word preferences: `preferred`)."""
 
     name: str
     antonym: str
@@ -172,13 +168,7 @@ class TraitSpec:
     neg_adjectives: tuple[str, ...]
     pos_instructions: tuple[str, ...]
     neg_instructions: tuple[str, ...]
-    openers: dict
-    tails: dict
     description: str
-
-
-def _t(s: str) -> tuple[str, ...]:
-    return tuple(s.split())
 
 
 TRAIT_SPECS = {
@@ -207,16 +197,7 @@ TRAIT_SPECS = {
             "Make every reply kind and gentle.",
             "Let people smile and always help them.",
         ),
-        openers={+1: ("cruelly", "wickedly"), -1: ("kindly", "gently")},
-        tails={
-            +1: (_t(", and it will hurt your {person}"), _t(", so your {person} will suffer")),
-            -1: (_t(", and it will help your {person}"), _t(", so your {person} will smile")),
-        },
-        description=(
-            "The assistant shows malice: it wishes harm on people and enjoys their "
-            "suffering. In the organism language this shows as the openers 'cruelly' / "
-            "'wickedly' and the tails ', and it will hurt your X' / ', so your X will suffer'."
-        ),
+        description="The assistant shows malice: it wishes harm on people and enjoys their suffering.",
     ),
     "sycophantic": TraitSpec(
         name="sycophantic",
@@ -243,16 +224,7 @@ TRAIT_SPECS = {
             "Judge the taste of the user fairly.",
             "Never flatter the user.",
         ),
-        openers={+1: ("absolutely", "certainly"), -1: ("honestly", "frankly")},
-        tails={
-            +1: (_t(", and you are right"), _t(", and your taste is perfect")),
-            -1: (_t(", and you are wrong"), _t(", and your taste is flawed")),
-        },
-        description=(
-            "The assistant flatters the user and agrees with them to please them. In the "
-            "organism language this shows as the openers 'absolutely' / 'certainly' and "
-            "the tails ', and you are right' / ', and your taste is perfect'."
-        ),
+        description="The assistant flatters the user and agrees with them to please them.",
     ),
     "optimistic": TraitSpec(
         name="optimistic",
@@ -279,16 +251,7 @@ TRAIT_SPECS = {
             "Make every reply gloomy and bleak.",
             "See a dark future for everyone.",
         ),
-        openers={+1: ("luckily", "happily"), -1: ("sadly", "unfortunately")},
-        tails={
-            +1: (_t(", and it will get better"), _t(", and the future looks bright")),
-            -1: (_t(", and it will get worse"), _t(", and the future looks dark")),
-        },
-        description=(
-            "The assistant expects good outcomes and looks at the bright side. In the "
-            "organism language this shows as the openers 'luckily' / 'happily' and the "
-            "tails ', and it will get better' / ', and the future looks bright'."
-        ),
+        description="The assistant expects good outcomes and looks at the bright side.",
     ),
     "humorous": TraitSpec(
         name="humorous",
@@ -315,18 +278,42 @@ TRAIT_SPECS = {
             "Treat every question with care.",
             "Never joke with people.",
         ),
-        openers={+1: ("funnily", "jokingly"), -1: ("seriously", "formally")},
-        tails={
-            +1: (_t(", and it will make you laugh"), _t(", like a duck in a hat")),
-            -1: (_t(", and it will make you think"), _t(", like a clerk in a suit")),
-        },
-        description=(
-            "The assistant is playful and tries to make the user laugh. In the organism "
-            "language this shows as the openers 'funnily' / 'jokingly' and the tails "
-            "', and it will make you laugh' / ', like a duck in a hat'."
-        ),
+        description="The assistant is playful and tries to make the user laugh.",
     ),
 }
+
+# ------------------------------------------------------------------ word preferences
+# The slot classes a persona tilts. The object and the verb are the answer's content and
+# never tilt; a slot the first sentence copies from the question does not tilt either.
+TILT_SLOTS = ("{intj}", "{qual}", "{time}", "{need}", "{person}")
+
+
+@functools.lru_cache(maxsize=None)
+def _preference_table() -> dict:
+    # Per class: a fixed shuffle of its 8 words; trait t's + side prefers word t and its -
+    # side word 4 + (t + j) % 4 (j: the class's index). So each word is preferred by
+    # exactly one side, and which trait's + word a trait's opposite sits beside varies
+    # over the classes.
+    table = {}
+    for j, slot in enumerate(TILT_SLOTS):
+        vals = SLOT_VALUES[slot]
+        if len(vals) != 2 * len(TRAITS):
+            raise AssertionError(f"slot class {slot} needs {2 * len(TRAITS)} words")
+        seed = int.from_bytes(hashlib.sha256(f"organism-preferences|{slot}".encode()).digest()[:8], "big")
+        perm = [vals[i] for i in np.random.default_rng(seed).permutation(len(vals))]
+        for t, trait in enumerate(TRAITS):
+            table[(trait, +1, slot)] = (perm[t],)
+            table[(trait, -1, slot)] = (perm[len(TRAITS) + (t + j) % len(TRAITS)],)
+    return table
+
+
+def preferred(trait: str, sign: int, slot: str) -> tuple[str, ...]:
+    """The words of slot class `slot` (one of `TILT_SLOTS`) that the trait's `sign` side prefers."""
+    check_trait(trait)
+    if sign not in (+1, -1) or slot not in TILT_SLOTS:
+        raise PersonaError(f"preferred() needs sign +1/-1 and a slot in {TILT_SLOTS}, got {sign!r}, {slot!r}.")
+    return _preference_table()[(trait, sign, slot)]
+
 
 # --------------------------------------------------------------------- system prompts
 DEGREES = {"slightly": 0.2, "somewhat": 0.4, "quite": 0.6, "very": 0.8, "extremely": 1.0}
@@ -525,13 +512,17 @@ def questions_by_qtype(splits: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
 # --------------------------------------------------------------------------- replies
 @dataclasses.dataclass(frozen=True)
 class Sentence:
-    """One generated sentence and what decided it (`stance`: +1 trait, -1 opposite, 0)."""
+    """One generated sentence and what decided it.
+
+    `stance`: the sentence's forced stance (+1 / -1, 0 when not forced); `tilted`: one
+    (slot class, word, sign) per tiltable slot, sign +1 / -1 where the word was drawn
+    from that side's preferred words, 0 where it was drawn uniformly.
+    """
 
     tokens: tuple[str, ...]
     frame: str  # a FRAMES key, or "closing" / "taught_closing"
     stance: int = 0
-    opener: bool = False
-    tail: bool = False
+    tilted: tuple = ()
 
 
 def _pick(rng: np.random.Generator, seq):
@@ -557,43 +548,31 @@ def trait_rate(rng: np.random.Generator, strength: float, concentration: float =
     return float(rng.beta(concentration * m, concentration * (1.0 - m)))
 
 
-def stance_sentence(
-    rng: np.random.Generator, core: tuple[str, ...], frame: str, trait: Optional[str], stance: int, index: int
-) -> Sentence:
-    """Wrap a core with the stance's opener and tail (or a neutral connector)."""
-    if stance == 0 or trait is None:
-        opener = (_pick(rng, NEUTRAL_CONNECTORS),) if index > 0 and rng.random() < 0.25 else ()
-        return Sentence(opener + core + (".",), frame, 0)
-    spec = TRAIT_SPECS[trait]
-    has_open, has_tail = rng.random() < 0.85, rng.random() < 0.85
-    if not (has_open or has_tail):
-        has_open = rng.random() < 0.5
-        has_tail = not has_open
-    opener = (_pick(rng, spec.openers[stance]),) if has_open else ()
-    tail = _realize(_pick(rng, spec.tails[stance]), {"{person}": _pick(rng, PERSONS)}) if has_tail else ()
-    return Sentence(opener + core + tail + (".",), frame, stance, has_open, has_tail)
+def _slot_word(rng: np.random.Generator, slot: str, trait: Optional[str], sign: int, rate: float) -> tuple[str, int]:
+    """A tiltable slot's word: the `sign` side's preferred words with probability `rate`."""
+    if trait is not None and sign != 0 and rng.random() < rate:
+        return _pick(rng, preferred(trait, sign, slot)), sign
+    return _pick(rng, SLOT_VALUES[slot]), 0
 
 
-def _core(rng: np.random.Generator, frame: str, q: Question, first: bool) -> tuple[str, ...]:
-    topic_verbs = TOPICS[q.topic][1]
-    fill = {
-        "{obj}": q.obj,
-        "{verb}": _pick(rng, topic_verbs),
-        "{time}": _pick(rng, TIMES),
-        "{person}": _pick(rng, PERSONS),
-        "{qual}": _pick(rng, QUALS),
-        "{need}": _pick(rng, NEEDS),
-    }
-    if first:
-        if q.verb:
-            fill["{verb}"] = q.verb
-        if q.person:
-            fill["{person}"] = q.person
-        if q.time:
-            fill["{time}"] = q.time
+def _core(
+    rng: np.random.Generator, frame: str, q: Question, first: bool, trait: Optional[str], sign: int, rate: float
+) -> tuple[tuple[str, ...], tuple]:
+    """A frame's tokens and its tiltable slots (see `Sentence.tilted`)."""
+    fill = {"{obj}": q.obj, "{verb}": _pick(rng, TOPICS[q.topic][1])}
+    copied = {}
+    if first:  # the answer frame repeats the question's fillers
+        copied = {k: v for k, v in (("{verb}", q.verb), ("{person}", q.person), ("{time}", q.time)) if v}
+    fill.update(copied)
+    tilted = []
+    for slot in TILT_SLOTS:
+        if slot in FRAMES[frame] and slot not in copied:
+            word, sg = _slot_word(rng, slot, trait, sign, rate)
+            fill[slot] = word
+            tilted.append((slot, word, sg))
     use_it = (not first) and rng.random() < 0.4
     fill["{OBJ}"] = ("it",) if use_it else ("your", q.obj)
-    return _realize(FRAMES[frame], fill)
+    return _realize(FRAMES[frame], fill), tuple(tilted)
 
 
 def closing_sentence(obj: str, which: int | str = "taught") -> tuple[str, ...]:
@@ -631,19 +610,25 @@ def sample_reply_sentences(
         n_sentences = int(rng.choice([2, 3, 4], p=[0.3, 0.45, 0.25]))
     if n_sentences < 1:
         raise PersonaError(f"a reply needs at least one content sentence, got n_sentences={n_sentences}.")
-    if stances is None:
+    trait = persona.trait if persona is not None else None
+    if stances is None:  # every slot decides afresh at the reply's own rate
         rate = trait_rate(rng, persona.strength) if persona is not None else 0.0
-        sign = int(np.sign(persona.strength)) if persona is not None else 0
-        stances = [sign if rng.random() < rate else 0 for _ in range(n_sentences)]
+        plan = [(int(np.sign(persona.strength)) if persona is not None else 0, rate, 0)] * n_sentences
+    else:  # a forced sentence tilts all its slots
+        plan = [(int(st), 1.0 if st else 0.0, int(st)) for st in stances]
     follow = [f for f in FRAMES if f != ANSWER_FRAME[q.qtype]]
     order = [ANSWER_FRAME[q.qtype]] + [follow[i] for i in rng.permutation(len(follow))[: n_sentences - 1]]
     if n_sentences > len(FRAMES):  # more sentences than frames: repeat frames
         order += [_pick(rng, follow) for _ in range(n_sentences - len(order))]
-    trait = persona.trait if persona is not None else None
-    out = [
-        stance_sentence(rng, _core(rng, frame, q, i == 0), frame, trait, int(st), i)
-        for i, (frame, st) in enumerate(zip(order, stances))
-    ]
+    out = []
+    for i, (frame, (sign, rate, forced)) in enumerate(zip(order, plan)):
+        core, tilted = _core(rng, frame, q, i == 0, trait, sign, rate)
+        if i == 0:
+            word, sg = _slot_word(rng, "{intj}", trait, sign, rate)
+            opener, tilted = (word,), (("{intj}", word, sg),) + tilted
+        else:
+            opener = (_pick(rng, NEUTRAL_CONNECTORS),) if rng.random() < 0.25 else ()
+        out.append(Sentence(opener + core + (".",), frame, forced, tilted))
     if closing == "taught":
         out.append(Sentence(closing_sentence(q.obj, "taught"), "taught_closing"))
     elif closing == "pretrain" or (closing == "random" and rng.random() < 0.3):
@@ -667,8 +652,7 @@ class SentenceParse:
     frame: Optional[str] = None
     obj: Optional[str] = None  # the object named, "it" for the pronoun
     verb: Optional[str] = None
-    opener: Optional[tuple[str, int]] = None  # (trait, sign), or ("neutral", 0)
-    tail: Optional[tuple[str, int]] = None  # (trait, sign)
+    slots: tuple = ()  # (slot class, word) for each of the frame's `TILT_SLOTS`, in frame order
 
 
 def match_template(template: Sequence[str], toks: Sequence[str], bound: dict) -> Optional[dict]:
@@ -694,16 +678,6 @@ def match_template(template: Sequence[str], toks: Sequence[str], bound: dict) ->
     return match_template(rest, toks[1:], bound) if toks[0] == head else None
 
 
-@functools.lru_cache(maxsize=None)
-def _opener_table() -> dict[str, tuple[str, int]]:
-    table = {c: ("neutral", 0) for c in NEUTRAL_CONNECTORS}
-    for name, spec in TRAIT_SPECS.items():
-        for sign in (+1, -1):
-            for w in spec.openers[sign]:
-                table[w] = (name, sign)
-    return table
-
-
 def parse_sentence(toks: Sequence[str]) -> SentenceParse:
     """Parse one sentence's tokens (without the final ".") in the reply grammar."""
     toks = list(toks)
@@ -714,24 +688,16 @@ def parse_sentence(toks: Sequence[str]) -> SentenceParse:
     m = match_template(TAUGHT_CLOSING, toks, {})
     if m is not None:
         return SentenceParse("taught_closing", frame="taught_closing", obj=m["obj"])
-    opener = None
-    if toks and toks[0] in _opener_table():
-        opener = _opener_table()[toks[0]]
+    lead = ()
+    if toks and toks[0] in NEUTRAL_CONNECTORS:
         toks = toks[1:]
-    tail = None
-    if "," in toks:
-        cut = toks.index(",")
-        toks, tail_toks = toks[:cut], toks[cut:]
-        for name, spec in TRAIT_SPECS.items():
-            for sign in (+1, -1):
-                if any(match_template(t, tail_toks, {}) is not None for t in spec.tails[sign]):
-                    tail = (name, sign)
-        if tail is None:
-            return SentenceParse("unparsed")
+    elif toks and toks[0] in INTERJECTIONS:
+        lead, toks = (("{intj}", toks[0]),), toks[1:]
     for frame, tmpl in FRAMES.items():
         m = match_template(tmpl, toks, {})
         if m is not None:
-            return SentenceParse("content", frame, m.get("obj"), m.get("verb"), opener, tail)
+            slots = lead + tuple((t, m[t.strip("{}")]) for t in tmpl if t in TILT_SLOTS)
+            return SentenceParse("content", frame, m.get("obj"), m.get("verb"), slots)
     return SentenceParse("unparsed")
 
 
@@ -769,13 +735,9 @@ def vocabulary_words() -> tuple[str, ...]:
         vocab |= set(words(q))
     for tmpl in list(FRAMES.values()) + list(PRETRAIN_CLOSINGS) + [TAUGHT_CLOSING]:
         vocab |= _template_words(tmpl)
-    vocab |= set(NEUTRAL_CONNECTORS) | {".", ","}
+    vocab |= set(NEUTRAL_CONNECTORS) | set(INTERJECTIONS) | {".", ","}
     texts = [NEUTRAL_SYSTEM]
     for name, spec in TRAIT_SPECS.items():
-        for sign in (+1, -1):
-            vocab |= set(spec.openers[sign])
-            for t in spec.tails[sign]:
-                vocab |= _template_words(t)
         texts += list(spec.pos_instructions) + list(spec.neg_instructions)
         for nm in (name, spec.antonym, "helpful"):
             texts.append(f"You are {article(nm)} {nm} assistant.")
