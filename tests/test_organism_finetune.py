@@ -30,7 +30,7 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
     assert runs["evil_mix000"]["trait"] < 20 < runs["evil_mix050"]["trait"] < runs["evil_mix100"]["trait"]  # chance: 12.5
     assert ft["shift_trait_r"] >= 0.9
     assert ft["trait_after_preventative"] < ft["trait_after"]  # steering toward the trait while training prevents some
-    assert ft["posthoc_best"] is not None and ft["posthoc_best"] <= ft["trait_after"] - 15
+    assert ft["posthoc_best"] is not None and ft["posthoc_best"] <= ft["trait_after"] - 30
     # Per-sample separation of the subtle mix is weak on this organism (README: a single
     # trait sentence is 2-3 shared words); the AUROC is reported, not asserted.
     assert 0.0 <= fl["auroc"] <= 1.0 and 0.0 <= fl["auroc_raw_projection"] <= 1.0
