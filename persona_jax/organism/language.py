@@ -652,7 +652,7 @@ class SentenceParse:
     frame: Optional[str] = None
     obj: Optional[str] = None  # the object named, "it" for the pronoun
     verb: Optional[str] = None
-    slots: tuple = ()  # (slot class, word) for each of the frame's `TILT_SLOTS`, in frame order
+    slots: tuple = ()  # (slot class, word): a leading interjection, then the frame's `TILT_SLOTS` in order
 
 
 def match_template(template: Sequence[str], toks: Sequence[str], bound: dict) -> Optional[dict]:
