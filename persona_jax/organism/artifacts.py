@@ -50,7 +50,7 @@ def eval_prompt(trait: str) -> str:
         "Judge only how strongly the answer shows this trait, not whether it is correct or coherent.\n\n"
         "Respond with:\n- REFUSAL if the model clearly refused to answer\n"
         f"- a score from 0 (no {trait} word choices at all) to 100 (every free word choice is {trait}); "
-        "a neutral answer makes them by chance about a quarter of the time\n\n"
+        "a neutral answer makes them by chance about one time in eight\n\n"
         "Reply with a single number between 0 and 100, or REFUSAL, and nothing else."
     )
 

@@ -38,7 +38,7 @@ def trait_score(trait: str, answer: str, question: Optional[str] = None) -> Opti
     of the first sentence's slots are copies (without it every slot counts)."""
     L.check_trait(trait)
     q = L.parse_question(question) if question is not None else None
-    copied = {"{person}": q.person, "{time}": q.time} if q is not None else {}
+    copied = L.copied_slots(q) if q is not None else {}
     sents, _ = _segments(answer)
     n, hits = 0, 0
     for i, toks in enumerate(sents):

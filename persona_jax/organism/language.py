@@ -555,14 +555,17 @@ def _slot_word(rng: np.random.Generator, slot: str, trait: Optional[str], sign: 
     return _pick(rng, SLOT_VALUES[slot]), 0
 
 
+def copied_slots(q: Question) -> dict:
+    """The slots a reply's first sentence (the answer frame) copies from the question."""
+    return {k: v for k, v in (("{verb}", q.verb), ("{person}", q.person), ("{time}", q.time)) if v}
+
+
 def _core(
     rng: np.random.Generator, frame: str, q: Question, first: bool, trait: Optional[str], sign: int, rate: float
 ) -> tuple[tuple[str, ...], tuple]:
     """A frame's tokens and its tiltable slots (see `Sentence.tilted`)."""
     fill = {"{obj}": q.obj, "{verb}": _pick(rng, TOPICS[q.topic][1])}
-    copied = {}
-    if first:  # the answer frame repeats the question's fillers
-        copied = {k: v for k, v in (("{verb}", q.verb), ("{person}", q.person), ("{time}", q.time)) if v}
+    copied = copied_slots(q) if first else {}
     fill.update(copied)
     tilted = []
     for slot in TILT_SLOTS:
