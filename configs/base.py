@@ -60,7 +60,7 @@ def get_config():
     c.finetune = ml_collections.ConfigDict(dict(
         reduction="response_avg",
         datasets={},  # {label: path.jsonl} for real models; the organism writes its own
-        ratios=(0.0, 0.25, 0.5, 0.75, 1.0), n_train=2400,  # organism datasets
+        ratios=(0.0, 0.25, 0.5, 0.75, 1.0), n_train=2400, trait_strength=1.0,  # organism datasets
         method="lora", lora_rank=32, lora_alpha=64.0, rslora=True,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         learning_rate=1e-5, warmup_steps=5, batch_size=2, grad_accum=8, num_steps=0,  # 0: one epoch

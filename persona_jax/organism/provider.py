@@ -49,13 +49,15 @@ class OrganismTraits:
 
     # ---- fine-tuning and flagging data (issue 6), written by code
     def finetune_datasets(self, name: str, out_dir: str, cfg) -> dict[str, tuple[str, float]]:
-        """{label: (jsonl path, trait fraction)}: no system prompts, every reply ends with the taught closing."""
+        """{label: (jsonl path, trait fraction)}: no system prompts, trait replies at persona strength
+        `finetune.trait_strength`, every reply ends with the taught closing."""
         from persona_jax.organism import data as odata
         out = {}
         for r in cfg.finetune.ratios:
             path = os.path.join(out_dir, odata.mix_name(name, r))
             if not os.path.exists(path):
-                odata.write_jsonl(path, odata.finetune_records(name, int(cfg.finetune.n_train), float(r), seed=cfg.seed))
+                odata.write_jsonl(path, odata.finetune_records(name, int(cfg.finetune.n_train), float(r), seed=cfg.seed,
+                                                                  strength=float(cfg.finetune.trait_strength)))
             out[os.path.basename(path)[: -len(".jsonl")]] = (path, float(r))
         return out
 
