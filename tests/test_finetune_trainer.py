@@ -239,6 +239,22 @@ def test_preventative_steering_and_ablation_loss_matches_torch_hooks(setup):
     assert abs(want - torch_loss(setup["torch"], ex, idx)) > 1e-3  # the hooks matter
 
 
+def test_resume_refuses_a_changed_training_intervention(setup, tmp_path):
+    # A checkpoint of a preventative run must not be resumed under another coefficient or
+    # vector (a config change would otherwise reuse the old run's weights).
+    m, ex = setup["model"], setup["examples"]
+    vec = np.random.default_rng(2).normal(size=(m.config.num_layers + 1, m.config.hidden_size)).astype(np.float32)
+    tc = T.TrainConfig(**{**TC.__dict__, "num_steps": 2, "checkpoint_every": 1})
+    workdir = str(tmp_path / "prev")
+    T.train(m.config, m.params, ex, tc, workdir=workdir, steerings=[Steering(vec, layer=1, coef=2.0)])
+    again = T.train(m.config, m.params, ex, tc, workdir=workdir, steerings=[Steering(vec, layer=1, coef=2.0)])
+    assert again.stats["resumed_from"] == 2
+    for other in ([Steering(vec, layer=1, coef=3.0)], [Steering(vec * 2, layer=1, coef=2.0)],
+                  [Steering(vec, layer=1, coef=2.0, kind="ablate")], None):
+        with pytest.raises(PersonaError, match="steerings"):
+            T.train(m.config, m.params, ex, tc, workdir=workdir, steerings=other)
+
+
 def test_bf16_compute_keeps_float32_masters(setup):
     m, ex, full = setup["model"], setup["examples"], setup["run"]
     run = T.train(m.config, m.params, ex, T.TrainConfig(**{**TC.__dict__, "compute_dtype": "bfloat16"}))

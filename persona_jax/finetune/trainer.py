@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -379,6 +380,14 @@ def _as_examples(data, config: DecoderConfig, what: str):
     return examples
 
 
+def _steering_record(st) -> dict:
+    """What identifies a training-time intervention in a checkpoint's meta (the vector by hash)."""
+    listed = lambda x: np.asarray(x).tolist()
+    return {"kind": st.kind, "layer": listed(st.layer), "coef": listed(st.coef), "positions": st.positions,
+            "rows_layers": None if st.rows_layers is None else listed(st.rows_layers),
+            "vector": hashlib.sha256(np.ascontiguousarray(st.vector, dtype=np.float32).tobytes()).hexdigest()[:16]}
+
+
 def train(config: DecoderConfig, params, train_data, train_config: TrainConfig = TrainConfig(), *,
           lora: flora.LoraConfig | None = None, eval_data=None, steerings=None, mesh=None,
           workdir: str | None = None, pad_id: int = 0,
@@ -447,12 +456,15 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
                          else jax.device_put(v, repl) for k, v in interventions.items()}
 
     # What a checkpoint must agree on to be resumed: the data order's inputs (seed, data,
-    # batch), the schedule and optimizer, and the trainable tree (LoRA or full).
+    # batch), the schedule and optimizer, the trainable tree (LoRA or full), and the
+    # interventions active while training (a changed preventative coefficient must not
+    # resume the old run's weights).
     meta = json.loads(json.dumps({
         "seed": tc.seed, "data": fdata.fingerprint(examples), "num_steps": num_steps, "effective_batch": effective,
         "optimizer": [spec.learning_rate, spec.warmup_steps, spec.weight_decay, spec.b1, spec.b2, spec.eps,
                       spec.max_grad_norm, spec.compute_dtype],
-        "lora": dataclasses.asdict(lora) if lora else None}))
+        "lora": dataclasses.asdict(lora) if lora else None,
+        "steerings": [_steering_record(st) for st in steerings] if steerings else None}))
     ckpt = _Checkpoints(workdir, tc) if workdir is not None else None
     start = 0
     if ckpt is not None and ckpt.latest() is not None:
