@@ -23,7 +23,7 @@ def get_config():
     f.n_train = 2400
     # Trait replies at persona strength 0.6 (a free slot holds the trait's word about 60% of
     # the time; strength 1 gives 95%): a trait-heavy set that fine-tuning turns into a rise
-    # of about 40 points. At strength 1 the rise is 81-86 points, more than steering reaches
+    # of about 50 points. At strength 1 the rise is 81-86 points, more than steering reaches
     # at a coherent strength (+40-53), and preventative steering kept only 22-32% of it away.
     f.trait_strength = 0.6
     f.method = "full"  # the organism is small; LoRA is the default for real models
