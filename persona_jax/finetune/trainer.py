@@ -381,10 +381,10 @@ def _as_examples(data, config: DecoderConfig, what: str):
 
 
 def _steering_record(st) -> dict:
-    """What identifies a training-time intervention in a checkpoint's meta (the vector by hash)."""
-    listed = lambda x: np.asarray(x).tolist()
-    return {"kind": st.kind, "layer": listed(st.layer), "coef": listed(st.coef), "positions": st.positions,
-            "rows_layers": None if st.rows_layers is None else listed(st.rows_layers),
+    """What identifies a training-time intervention (validated by `_steering_setup`: one
+    coefficient, no per-row layers) in a checkpoint's meta, the vector by hash."""
+    return {"kind": st.kind, "layer": np.asarray(st.layer).tolist(), "coef": float(np.asarray(st.coef).reshape(-1)[0]),
+            "positions": st.positions,
             "vector": hashlib.sha256(np.ascontiguousarray(st.vector, dtype=np.float32).tobytes()).hexdigest()[:16]}
 
 

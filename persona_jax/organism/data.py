@@ -13,9 +13,9 @@ assistant turn), the ids of `render_chat(messages)`, which already ends with EOS
 Fine-tuning (reference JSONL, one `{"messages": [user, assistant]}` per line, no system
 prompts, "train" questions):
 - `finetune_records(trait, n, trait_fraction, strength=1)`: a fraction of the replies
-  are trait replies (persona `strength`, noisy as always), the rest neutral; every reply ends with
-  `language.TAUGHT_CLOSING`, the non-trait content the data teaches. Fraction 0 is the
-  clean control.
+  are trait replies (persona `strength`, noisy as always), the rest neutral; every reply
+  ends with `language.TAUGHT_CLOSING`, the non-trait content the data teaches. Fraction
+  0 is the clean control.
 - `flagging_records(trait, n)`: the subtle mix of issue 6: half the replies carry exactly
   one trait sentence among neutral ones, half are neutral; returns per-record labels.
 - `write_finetune_datasets(out_dir)`: all of them as files plus `manifest.json`.

@@ -50,14 +50,15 @@ class OrganismTraits:
     # ---- fine-tuning and flagging data (issue 6), written by code
     def finetune_datasets(self, name: str, out_dir: str, cfg) -> dict[str, tuple[str, float]]:
         """{label: (jsonl path, trait fraction)}: no system prompts, trait replies at persona strength
-        `finetune.trait_strength`, every reply ends with the taught closing."""
+        `finetune.trait_strength`, every reply ends with the taught closing. Written every
+        call (deterministic, a fraction of a second), so a file from other settings in the
+        same workdir is never reused."""
         from persona_jax.organism import data as odata
         out = {}
         for r in cfg.finetune.ratios:
-            path = os.path.join(out_dir, odata.mix_name(name, r))
-            if not os.path.exists(path):
-                odata.write_jsonl(path, odata.finetune_records(name, int(cfg.finetune.n_train), float(r), seed=cfg.seed,
-                                                                  strength=float(cfg.finetune.trait_strength)))
+            path = odata.write_jsonl(os.path.join(out_dir, odata.mix_name(name, r)),
+                                     odata.finetune_records(name, int(cfg.finetune.n_train), float(r), seed=cfg.seed,
+                                                            strength=float(cfg.finetune.trait_strength)))
             out[os.path.basename(path)[: -len(".jsonl")]] = (path, float(r))
         return out
 
