@@ -2,10 +2,10 @@
 
 python -m experiments.flag_data --model=DIR --data=train.jsonl \
     --vector=evil_response_avg_diff.pt --layer=20 --workdir=/tmp/flag [--drop_fraction=0.1]
-Writes flagged.csv (one row per sample: delta, dataset and base projections, base
-response), cleaned.jsonl (without the top-delta samples), report.json and report.md.
+Writes flagged.csv (one row per sample: delta, dataset and base projections, the label
+when --labels is given, base response), cleaned.jsonl (without the top-delta samples),
+report.json and report.md.
 """
-import csv
 import json
 import os
 
@@ -30,30 +30,31 @@ flags.mark_flags_as_required(["model", "data", "vector", "layer", "workdir"])
 def main(argv):
     del argv
     from persona_jax import flagging as fl
+    from persona_jax.errors import PersonaError
     from persona_jax.models import load_model
     from persona_jax.projection import read_jsonl_conversations
     from persona_jax.vectors import load_any
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    model = load_model(_MODEL.value, dtype=_DTYPE.value)
     records = read_jsonl_conversations(_DATA.value)
+    labels = None
+    if _LABELS.value:  # checked before the base model generates anything
+        with open(_LABELS.value) as f:
+            labels = json.load(f)
+        if not isinstance(labels, list) or len(labels) != len(records) or any(x not in (0, 1) for x in labels):
+            raise PersonaError(f"--labels must be a JSON list of {len(records)} 0/1 values, one per sample of {_DATA.value}")
+    model = load_model(_MODEL.value, dtype=_DTYPE.value)
     vector = load_any(_VECTOR.value).array
     res = fl.projection_difference(model, records, vector, _LAYER.value, max_new_tokens=_MAX_NEW.value,
                                    batch_size=_BATCH.value)
-    with open(os.path.join(_WORKDIR.value, "flagged.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "delta", "dataset_proj", "base_proj", "base_response"])
-        for i in range(len(records)):
-            w.writerow([i, res.delta[i], res.dataset_proj[i], res.base_proj[i], res.base_responses[i]])
     kept = fl.filter_jsonl(_DATA.value, os.path.join(_WORKDIR.value, "cleaned.jsonl"), res,
                            threshold=_THRESHOLD.value, drop_fraction=None if _THRESHOLD.value is not None else _DROP.value)
     report = {"n": len(records), "mean_delta": res.mean_delta, "layer": _LAYER.value,
               "dropped": kept["dropped"], "kept": kept["kept"]}
-    if _LABELS.value:
-        with open(_LABELS.value) as f:
-            labels = json.load(f)
+    if labels is not None:
         report["auroc"] = fl.auroc(res.delta, labels)
         report["auroc_raw_projection"] = fl.auroc(res.dataset_proj, labels)
+    fl.write_flagged_csv(os.path.join(_WORKDIR.value, "flagged.csv"), res, labels)
     with open(os.path.join(_WORKDIR.value, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:

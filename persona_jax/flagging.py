@@ -8,6 +8,7 @@ predicts how much fine-tuning on it will grow the trait; per sample, delta ranks
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from typing import Optional, Sequence
@@ -59,6 +60,8 @@ def auroc(scores, labels) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
     s = np.asarray(scores, float)
     y = np.asarray(labels, bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise PersonaError(f"AUROC needs one label per score, got {s.shape} scores and {y.shape} labels")
     ok = ~np.isnan(s)
     s, y = s[ok], y[ok]
     n_pos, n_neg = y.sum(), (~y).sum()
@@ -75,6 +78,21 @@ def auroc(scores, labels) -> float:
         ranks[order[i:j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def write_flagged_csv(path: str, result: FlagResult, labels: Optional[Sequence[int]] = None) -> str:
+    """One row per sample: index, delta, dataset_proj, base_proj, [label,] base_response."""
+    n = len(result.delta)
+    if labels is not None and len(labels) != n:
+        raise PersonaError(f"{len(labels)} labels for {n} flagged samples")
+    with atomic_open(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "delta", "dataset_proj", "base_proj"] + (["label"] if labels is not None else [])
+                   + ["base_response"])
+        for i in range(n):
+            row = [i, result.delta[i], result.dataset_proj[i], result.base_proj[i]]
+            w.writerow(row + ([int(labels[i])] if labels is not None else []) + [result.base_responses[i]])
+    return path
 
 
 def filter_jsonl(path: str, out_path: str, result: FlagResult, threshold: Optional[float] = None,

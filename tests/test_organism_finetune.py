@@ -1,10 +1,13 @@
 """METHOD.md 8-9 on the shipped organism, small budget: fine-tuning on trait data raises
 the no-system-prompt trait, the fine-tuning shift follows the trait change, post-hoc
 steering brings it down, and the dataset-level projection difference ranks the datasets."""
+import csv
 import json
 import os
 import subprocess
 import sys
+
+from persona_jax.organism.data import flagging_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,4 +39,9 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
     # trait sentence is 2-3 shared words); the AUROC is reported, not asserted.
     assert 0.0 <= fl["auroc"] <= 1.0 and 0.0 <= fl["auroc_raw_projection"] <= 1.0
     assert fl["dataset_rank_spearman"] >= 0.9
+    with open(wd / "evil" / "flagging" / "flagged.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seed = json.loads((wd / "config.json").read_text())["seed"]
+    _, labels = flagging_records("evil", 160, seed=seed)
+    assert len(rows) == 160 and [int(r["label"]) for r in rows] == labels
     assert "fine-tuning" in (wd / "report.md").read_text()

@@ -158,6 +158,7 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     res = fl.projection_difference(model, records, vector, layer, **kw)
     summary = {"layer": layer, "n": len(records), "n_flagged": int(sum(labels)),
                "auroc": fl.auroc(res.delta, labels), "auroc_raw_projection": fl.auroc(res.dataset_proj, labels)}
+    fl.write_flagged_csv(os.path.join(d, "flagged.csv"), res, labels)  # per sample, for inspection
     cleaned = fl.filter_jsonl(path, os.path.join(d, "cleaned.jsonl"), res, drop_fraction=float(np.mean(labels)))
     summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}
     summary["filter"]["precision"] = float(np.mean([labels[i] for i in cleaned["dropped_indices"]])) if cleaned["dropped"] else None
