@@ -32,8 +32,10 @@ def tiny(tmp_path_factory):
     return d, tm, pj.load_model(d, dtype="float32"), vec
 
 
-def _reference_deltas(tm, model, vec):
+@pytest.fixture(scope="module")
+def reference(tiny):
     """transformers: greedy base answers, then proj(response_avg) of dataset minus base answer."""
+    _, tm, model, vec = tiny
     tok = model.tokenizer
     u = vec[LAYER] / np.linalg.norm(vec[LAYER])
 
@@ -57,10 +59,10 @@ def _reference_deltas(tm, model, vec):
     return np.array(deltas), bases
 
 
-def test_projection_difference_matches_transformers(tiny):
-    _, tm, model, vec = tiny
+def test_projection_difference_matches_transformers(tiny, reference):
+    _, _, model, vec = tiny
     res = fl.projection_difference(model, RECORDS, vec, LAYER, max_new_tokens=NEW, batch_size=4, progress=False)
-    want, bases = _reference_deltas(tm, model, vec)
+    want, bases = reference
     assert res.base_responses == bases and len(set(bases)) > 3
     np.testing.assert_allclose(res.delta, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(res.dataset_proj - res.base_proj, res.delta)
@@ -70,8 +72,8 @@ def test_projection_difference_matches_transformers(tiny):
         fl.auroc(res.delta, LABELS[:-1])
 
 
-def test_flag_data_runner_writes_scores_cleaned_data_and_auroc(tiny, tmp_path):
-    d, tm, model, vec = tiny
+def test_flag_data_runner_writes_scores_cleaned_data_and_auroc(tiny, reference, tmp_path):
+    d, _, _, vec = tiny
     data, labels, vpath = tmp_path / "train.jsonl", tmp_path / "labels.json", tmp_path / "v.npy"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     labels.write_text(json.dumps(LABELS))
@@ -82,7 +84,7 @@ def test_flag_data_runner_writes_scores_cleaned_data_and_auroc(tiny, tmp_path):
            f"--max_new_tokens={NEW}", "--dtype=float32", "--batch_size=4"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    want, bases = _reference_deltas(tm, model, vec)
+    want, bases = reference
     with open(wd / "flagged.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     np.testing.assert_allclose([float(x["delta"]) for x in rows], want, rtol=1e-4, atol=1e-4)
