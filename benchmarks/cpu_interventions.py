@@ -215,7 +215,7 @@ def bench_torch_matmul(repeats: int) -> float:
 
 def bench_capture(w, model, torch_model, tok, rng):
     import torch
-    from persona_jax.capture import capture
+    from persona_jax.runtime.capture import capture
 
     prompts = word_texts(rng, w["cap_n"], *w["cap_prompt"])
     responses = word_texts(rng, w["cap_n"], *w["cap_resp"], prefix=" ")
@@ -292,7 +292,7 @@ def bench_capture(w, model, torch_model, tok, rng):
 
 def _padded_tokens(lengths, bs, model):
     """Tokens persona_jax actually computes (length buckets and padding rows included)."""
-    from persona_jax.capture import length_bucket
+    from persona_jax.runtime.capture import length_bucket
 
     order = sorted(lengths)
     total = 0
@@ -336,8 +336,8 @@ def _add_hook(v, coefs):
 
 
 def bench_generate(w, model, torch_model, tok, rng):
-    from persona_jax.generate import generate
-    from persona_jax.steering import Steering
+    from persona_jax.runtime.generate import generate
+    from persona_jax.steering.spec import Steering
 
     b, new = w["gen_batch"], w["gen_new"]
     prompts = word_texts(rng, b, *w["gen_prompt"])
@@ -374,8 +374,8 @@ def bench_generate(w, model, torch_model, tok, rng):
 def bench_sweep(w, model, torch_model, tok, rng):
     """An n_coefs-coefficient sweep on n_prompts prompts: one call (n_prompts*n_coefs rows,
     per-row coefficients) vs one call per coefficient (persona_jax and transformers hooks)."""
-    from persona_jax.generate import generate
-    from persona_jax.steering import Steering
+    from persona_jax.runtime.generate import generate
+    from persona_jax.steering.spec import Steering
 
     k, n, new = w["sweep_coefs"], w["sweep_prompts"], w["sweep_new"]
     prompts = word_texts(rng, n, *w["gen_prompt"])
@@ -406,11 +406,11 @@ def bench_compile(w):
     for a deep small-width config, and of the same width at 8 layers for comparison."""
     import jax
     import jax.numpy as jnp
-    from persona_jax import transforms
-    from persona_jax.capture import capture_arrays
-    from persona_jax.forward import forward_arrays
-    from persona_jax.generate import SamplingParams, generate_arrays
-    from persona_jax.models.config import DecoderConfig
+    from persona_jax.runtime import apply
+    from persona_jax.runtime.capture import capture_arrays
+    from persona_jax.runtime.forward import forward_arrays
+    from persona_jax.runtime.generate import SamplingParams, generate_arrays
+    from persona_jax.model.config import DecoderConfig
 
     out = {}
     d = w["compile_width"]
@@ -419,7 +419,7 @@ def bench_compile(w):
                             num_layers=layers, num_heads=4, num_kv_heads=4, head_dim=d // 4,
                             tie_word_embeddings=True, eos_token_ids=(2,), pad_token_id=0)
         t = time.perf_counter()
-        params = jax.block_until_ready(transforms.init_params(cfg, jax.random.PRNGKey(0)))
+        params = jax.block_until_ready(apply.init_params(cfg, jax.random.PRNGKey(0)))
         t_init = time.perf_counter() - t
         b, s = 16, 256
         tok = jnp.zeros((b, s), jnp.int32)

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpu_bench import timed  # a sibling script: benchmarks/ is on sys.path when run
-from persona_jax import transforms
-from persona_jax.capture import capture_arrays
-from persona_jax.models.config import DecoderConfig
-from persona_jax.models.decoder import fused_attention_impl
+from persona_jax.runtime import apply
+from persona_jax.runtime.capture import capture_arrays
+from persona_jax.model.config import DecoderConfig
+from persona_jax.model.decoder import fused_attention_impl
 
 SMOKE = bool(os.environ.get("SMOKE"))
 L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if SMOKE else (28, 3584, 28, 4, 18944, 152064)
@@ -29,7 +29,7 @@ def main():
     base = DecoderConfig(model_type="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
                          num_heads=H, num_kv_heads=KV, head_dim=hd, qkv_bias=True, rope_theta=1e6,
                          eos_token_ids=(1,), pad_token_id=0, max_position_embeddings=8192)
-    params = jax.jit(lambda k: transforms.init_params(base, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: apply.init_params(base, k, jnp.bfloat16))(jax.random.PRNGKey(0))
     mm_params = L * (D * hd * H * 2 + D * hd * KV * 2 + 3 * D * F)
     print(f"device {jax.devices()[0].device_kind}; auto -> {fused_attention_impl(base, jnp.bfloat16) or 'einsum'}")
     print("| batch x length | einsum tokens/s (MFU) | fused tokens/s (MFU) | speed-up | max relative difference |")

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persona_jax import transforms
-from persona_jax.capture import capture_arrays
-from persona_jax.models.config import DecoderConfig
+from persona_jax.runtime import apply
+from persona_jax.runtime.capture import capture_arrays
+from persona_jax.model.config import DecoderConfig
 S = bool(os.environ.get("SMOKE"))
 L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if S else (28, 3584, 28, 4, 18944, 152064)
 base = DecoderConfig(model_type="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=H,
                      num_kv_heads=KV, head_dim=D // H, qkv_bias=True, rope_theta=1e6, eos_token_ids=(1,), pad_token_id=0)
-p32 = jax.jit(lambda k: transforms.init_params(base, k, jnp.float32))(jax.random.PRNGKey(0))
+p32 = jax.jit(lambda k: apply.init_params(base, k, jnp.float32))(jax.random.PRNGKey(0))
 rng = np.random.default_rng(0)
 for b, t in ((16, 512), (4, 2048)):
     tok = jnp.asarray(rng.integers(2, V, (b, t)), jnp.int32)

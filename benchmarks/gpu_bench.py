@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persona_jax import transforms
-from persona_jax.capture import capture_arrays
-from persona_jax.generate import SamplingParams, generate_arrays
-from persona_jax.models.config import DecoderConfig
-from persona_jax.steering import Steering, position_masks, steering_arrays
+from persona_jax.runtime import apply
+from persona_jax.runtime.capture import capture_arrays
+from persona_jax.runtime.generate import SamplingParams, generate_arrays
+from persona_jax.model.config import DecoderConfig
+from persona_jax.steering.spec import Steering, position_masks, steering_arrays
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -67,7 +67,7 @@ def main():
 
     # init + compile
     t0 = time.perf_counter()
-    params = jax.jit(lambda k: transforms.init_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: apply.init_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     t_init = time.perf_counter() - t0
     rng = np.random.default_rng(0)

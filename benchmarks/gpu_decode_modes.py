@@ -23,14 +23,14 @@ def one(a):
     import jax.numpy as jnp
     import numpy as np
 
-    from persona_jax import transforms
-    from persona_jax.generate import SamplingParams, generate_arrays
-    from persona_jax.models.config import DecoderConfig
+    from persona_jax.runtime import apply
+    from persona_jax.runtime.generate import SamplingParams, generate_arrays
+    from persona_jax.model.config import DecoderConfig
 
     config = DecoderConfig(model_type="qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn,
                            num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv, head_dim=a.hidden // a.heads,
                            qkv_bias=True, rope_theta=1e6, eos_token_ids=(1,), pad_token_id=0)
-    params = jax.jit(lambda k: transforms.init_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: apply.init_params(config, k, jnp.bfloat16))(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     b, p, nt = a.decode_batch, a.prompt_len, a.new_tokens
     tokens = jnp.asarray(rng.integers(2, a.vocab, (b, p)), jnp.int32)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpu_bench import timed  # a sibling script: benchmarks/ is on sys.path when run
-from persona_jax import transforms
-from persona_jax.capture import capture_arrays
-from persona_jax.models.config import DecoderConfig
+from persona_jax.runtime import apply
+from persona_jax.runtime.capture import capture_arrays
+from persona_jax.model.config import DecoderConfig
 
 SMOKE = bool(os.environ.get("SMOKE"))
 L, D, H, KV, F, V = (2, 64, 4, 2, 128, 512) if SMOKE else (28, 3584, 28, 4, 18944, 152064)
@@ -60,10 +60,10 @@ def main():
     config = DecoderConfig(model_type="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
                            num_heads=H, num_kv_heads=KV, head_dim=HD, qkv_bias=True, rope_theta=1e6,
                            eos_token_ids=(1,), pad_token_id=0)
-    params = jax.jit(lambda k: transforms.init_params(config, k, jnp.bfloat16))(key)
+    params = jax.jit(lambda k: apply.init_params(config, k, jnp.bfloat16))(key)
     rng = np.random.default_rng(0)
-    forward = jax.jit(lambda p, tok, m: transforms.decoder_apply(
-        config, p, tok, transforms.make_ctx(m), capture="hidden", logits=False)[1][-1])
+    forward = jax.jit(lambda p, tok, m: apply.decoder_apply(
+        config, p, tok, apply.make_ctx(m), capture="hidden", logits=False)[1][-1])
     for bsz, t in ((64, 128), (16, 512)):
         tok = jnp.asarray(rng.integers(2, V, (bsz, t)), jnp.int32)
         pl, tl = jnp.full((bsz,), t // 4, jnp.int32), jnp.full((bsz,), t, jnp.int32)

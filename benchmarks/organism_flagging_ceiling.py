@@ -31,14 +31,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from persona_jax.capture import capture  # noqa: E402
-from persona_jax.flagging import auroc  # noqa: E402
-from persona_jax.generate import generate  # noqa: E402
-from persona_jax.models import load_model  # noqa: E402
+from persona_jax.runtime.capture import capture  # noqa: E402
+from persona_jax.method.flagging import auroc  # noqa: E402
+from persona_jax.runtime.generate import generate  # noqa: E402
+from persona_jax.model import load_model  # noqa: E402
 from persona_jax.organism import data as odata, language as L  # noqa: E402
 from persona_jax.organism.judge import trait_score  # noqa: E402
 from persona_jax.organism.provider import organism_path  # noqa: E402
-from persona_jax.vectors import import_pt, vector_filename  # noqa: E402
+from persona_jax.io.vectors import import_pt, vector_filename  # noqa: E402
 
 SHRINKAGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 

@@ -9,7 +9,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_steps(steps):
     """Run the given pipeline steps (None = the config's own list)."""
-    from persona_jax import pipeline, runner
+    from persona_jax.pipeline import steps as pipeline
+    from persona_jax.pipeline import setup as runner
 
     cfg = CONFIG.value
     if steps is not None:

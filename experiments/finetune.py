@@ -11,7 +11,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from persona_jax import cli
+from persona_jax.pipeline import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/finetune.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, exported model")
@@ -20,16 +20,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from persona_jax import runner
+    from persona_jax.pipeline import setup as runner
     from persona_jax.errors import PersonaError
     from persona_jax.finetune import data as fdata
     from persona_jax.finetune import lora as flora
-    from persona_jax.finetune.pipeline_steps import _train_config
+    from persona_jax.pipeline.finetune_steps import _train_config
     from persona_jax.finetune.trainer import export_hf, train
-    from persona_jax.models import load_model
-    from persona_jax.sharding import maybe_initialize_distributed
-    from persona_jax.steering import Steering
-    from persona_jax.vectors import check_vector_shape, load_any
+    from persona_jax.model import load_model
+    from persona_jax.model.sharding import maybe_initialize_distributed
+    from persona_jax.steering.spec import Steering
+    from persona_jax.io.vectors import check_vector_shape, load_any
 
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     if not cfg.data:

@@ -11,7 +11,7 @@ import os
 
 from absl import flags
 
-from persona_jax import cli
+from persona_jax.pipeline import cli
 
 _MODEL = flags.DEFINE_string("model", None, "base model checkpoint")
 _DATA = flags.DEFINE_string("data", None, "reference JSONL to screen")
@@ -29,11 +29,11 @@ flags.mark_flags_as_required(["model", "data", "vector", "layer", "workdir"])
 
 def main(argv):
     del argv
-    from persona_jax import flagging as fl
+    from persona_jax.method import flagging as fl
     from persona_jax.errors import PersonaError
-    from persona_jax.models import load_model
-    from persona_jax.projection import read_jsonl_conversations
-    from persona_jax.vectors import load_any
+    from persona_jax.model import load_model
+    from persona_jax.method.projection import read_jsonl_conversations
+    from persona_jax.io.vectors import load_any
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
     records = read_jsonl_conversations(_DATA.value)

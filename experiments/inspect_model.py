@@ -8,7 +8,7 @@ prints the five most likely next tokens.
 """
 from absl import flags
 
-from persona_jax import cli
+from persona_jax.pipeline import cli
 from persona_jax.errors import PersonaError
 
 _MODEL = flags.DEFINE_string("model", None, "checkpoint directory (config.json, *.safetensors, tokenizer) or hub id in the local cache")

@@ -3,7 +3,7 @@
 python -m experiments.monitor --config=configs/organism.py --workdir=DIR
 """
 from experiments import _common
-from persona_jax import cli
+from persona_jax.pipeline import cli
 
 
 def main(argv):

@@ -6,7 +6,7 @@ Columns: {model_basename}_{vector_stem}_{proj|prompt_last_proj|cos_sim}_layer{l}
 """
 from absl import flags
 
-from persona_jax import cli
+from persona_jax.pipeline import cli
 
 _MODEL = flags.DEFINE_string("model", None, "checkpoint directory or hub id in the HF cache")
 _VECTORS = flags.DEFINE_list("vectors", None, ".pt / .npy files or Orbax vector directories")
@@ -21,8 +21,8 @@ flags.mark_flags_as_required(["model", "vectors", "layers", "input"])
 def main(argv):
     del argv
     from persona_jax.errors import PersonaError
-    from persona_jax.models import load_model
-    from persona_jax.projection import project_file, vectors_by_stem
+    from persona_jax.model import load_model
+    from persona_jax.method.projection import project_file, vectors_by_stem
 
     try:
         layers = [int(x) for x in _LAYERS.value]

@@ -1,7 +1,7 @@
 """One exception type for mistakes a user can make.
 
 Runners catch it and print its one-sentence message with a non-zero exit instead of a
-traceback (see `persona_jax.cli`).
+traceback (see `persona_jax.pipeline.cli`).
 """
 
 

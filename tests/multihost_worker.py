@@ -31,16 +31,16 @@ def run(ckpt: str, out: str, pid: int, nproc: int):
     """
     import jax
 
-    from persona_jax import batching
-    from persona_jax import sharding as sh
-    from persona_jax.capture import capture
-    from persona_jax.csvio import read_csv, write_csv_atomic
-    from persona_jax.distributed import writer_only
+    from persona_jax.runtime import batching
+    from persona_jax.model import sharding as sh
+    from persona_jax.runtime.capture import capture
+    from persona_jax.io.csvio import read_csv, write_csv_atomic
+    from persona_jax.io.distributed import writer_only
     from persona_jax.errors import PersonaError
-    from persona_jax.generate import generate
-    from persona_jax.models import load_model
-    from persona_jax.pipeline import write_summary
-    from persona_jax.vectors import export_npy
+    from persona_jax.runtime.generate import generate
+    from persona_jax.model import load_model
+    from persona_jax.pipeline.steps import write_summary
+    from persona_jax.io.vectors import export_npy
 
     assert jax.process_count() == nproc and jax.process_index() == pid and jax.device_count() == 8
 
@@ -132,7 +132,7 @@ if __name__ == "__main__":
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from persona_jax import sharding as sh
+    from persona_jax.model import sharding as sh
 
     # Exactly what runner.setup does with cfg.distributed=True; with no cluster to detect,
     # the processes are named by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.

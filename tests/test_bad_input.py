@@ -78,7 +78,7 @@ def test_missing_shard_named_by_index(good_dir, tmp_path):
     (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
     names = {k: "model-00001-of-00002.safetensors" for k in ("model.embed_tokens.weight",)}
     names["model.norm.weight"] = "model-00002-of-00002.safetensors"  # not on disk
-    from persona_jax.models.safetensors_io import SafetensorsFile
+    from persona_jax.model.safetensors_io import SafetensorsFile
     for k in SafetensorsFile(str(d / "model-00001-of-00002.safetensors")).keys():
         names.setdefault(k, "model-00001-of-00002.safetensors")
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))

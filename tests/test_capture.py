@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax.capture import REDUCTIONS, capture
+from persona_jax.runtime.capture import REDUCTIONS, capture
 from persona_jax.testing import tiny_checkpoint
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

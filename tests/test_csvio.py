@@ -1,7 +1,7 @@
 """Reference response CSVs: pandas-compatible bytes, column checks, atomic rewrite."""
 import pytest
 
-from persona_jax.csvio import (
+from persona_jax.io.csvio import (
     check_columns,
     format_score,
     parse_score,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax import extract as ex
+from persona_jax.method import extract as ex
 from persona_jax.errors import PersonaError
 from persona_jax.testing import tiny_checkpoint
-from persona_jax.vectors import import_pt
+from persona_jax.io.vectors import import_pt
 
 TRAIT = "evil"
 

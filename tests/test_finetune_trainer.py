@@ -15,13 +15,14 @@ import pytest
 import torch
 import transformers
 
-from persona_jax import load_model, make_mesh, transforms
+from persona_jax import load_model, make_mesh
+from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as D
 from persona_jax.finetune import lora as L
 from persona_jax.finetune import trainer as T
-from persona_jax.models.safetensors_io import SafetensorsFile
-from persona_jax.steering import Steering
+from persona_jax.model.safetensors_io import SafetensorsFile
+from persona_jax.steering.spec import Steering
 from persona_jax.testing import char_tokenizer, tiny_checkpoint
 
 # Effective batch 4 (2 x 2 accumulation), 4 steps, one length bucket: one compile serves
@@ -207,7 +208,7 @@ def test_export_hf_loads_in_transformers_and_load_model(setup, tmp_path):
     out = str(tmp_path / "export")
     T.export_hf(m.config, params, m.tokenizer, out)
     ids = np.asarray([[1, 10, 20, 30, 40, 5, 6, 7]], np.int32)
-    ours, _, _ = transforms.decoder_apply(m.config, params, jnp.asarray(ids), transforms.make_ctx(np.ones_like(ids)))
+    ours, _, _ = apply.decoder_apply(m.config, params, jnp.asarray(ids), apply.make_ctx(np.ones_like(ids)))
     with torch.no_grad():
         theirs = torch_from(out)(torch.tensor(ids.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax import flagging as fl
+from persona_jax.method import flagging as fl
 from persona_jax.errors import PersonaError
 from persona_jax.testing import tiny_checkpoint
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from persona_jax.vectors import export_pt
+from persona_jax.io.vectors import export_pt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax.capture import capture
-from persona_jax.generate import generate
-from persona_jax.steering import Steering
+from persona_jax.runtime.capture import capture
+from persona_jax.runtime.generate import generate
+from persona_jax.steering.spec import Steering
 from persona_jax.testing import CHAT_TEMPLATE, tiny_checkpoint
 
 EOS = 2
@@ -189,7 +189,7 @@ def test_sampling_deterministic_and_independent_of_batch_size(llama, llama_greed
 
 def test_top_k_top_p_filter_matches_sorted_reference():
     """The bisection thresholds of the sampler equal the sort-based definitions."""
-    from persona_jax.generate import SamplingParams, _filter_logits
+    from persona_jax.runtime.generate import SamplingParams, _filter_logits
 
     rng = np.random.RandomState(0)
     neg = np.finfo(np.float32).min

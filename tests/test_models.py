@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax.models.safetensors_io import SafetensorsFile
+from persona_jax.model.safetensors_io import SafetensorsFile
 from persona_jax.testing import char_tokenizer, tiny_checkpoint
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -321,7 +321,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def _write_random_llama(d, hidden=512, inter=1536, layers=4, vocab=4096, kv=128):
-    from persona_jax.models.safetensors_io import save_file
+    from persona_jax.model.safetensors_io import save_file
     os.makedirs(d, exist_ok=True)
     cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""Multi-host conventions (persona_jax.distributed) with two real JAX processes on CPU.
+"""Multi-host conventions (persona_jax.io.distributed) with two real JAX processes on CPU.
 
 Two subprocesses (tests/multihost_worker.py), 4 CPU devices each, join one 8-device
 global mesh through `jax.distributed.initialize` on 127.0.0.1. Checked against the
@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from persona_jax import distributed
-from persona_jax.csvio import write_csv_atomic
+from persona_jax.io import distributed
+from persona_jax.io.csvio import write_csv_atomic
 from persona_jax.testing import tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -192,7 +192,7 @@ def test_question_splits_are_disjoint_and_deterministic():
 
 
 def test_trait_artifacts_validate_and_splits_are_disjoint(tmp_path):
-    from persona_jax import traits as TR
+    from persona_jax.method import traits as TR
 
     paths = A.write_trait_artifacts(str(tmp_path), n_questions=20)
     assert set(paths) == set(L.TRAITS)

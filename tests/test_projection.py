@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import persona_jax as pj
-from persona_jax import flagging as fl
+from persona_jax.method import flagging as fl
 from persona_jax.errors import PersonaError
-from persona_jax.projection import column_name, project_file
-from persona_jax.shift import finetuning_shift, mean_activations
+from persona_jax.method.projection import column_name, project_file
+from persona_jax.method.shift import finetuning_shift, mean_activations
 from persona_jax.testing import tiny_checkpoint
 
 

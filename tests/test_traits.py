@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from persona_jax.errors import PersonaError
-from persona_jax.traits import (
+from persona_jax.method.traits import (
     Trait,
     anthropic_llm,
     contrastive_prompts,
@@ -278,7 +278,7 @@ def test_local_llm_is_a_generator_callable(tmp_path):
 
     tiny_checkpoint(str(tmp_path / "m"), "llama")
     model = pj.load_model(str(tmp_path / "m"))
-    from persona_jax import traits
+    from persona_jax.method import traits
 
     llm = traits.local_llm(model, max_new_tokens=8, temperature=0.0)
     out = llm("write json")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from persona_jax.errors import PersonaError
-from persona_jax.vectors import (
+from persona_jax.io.vectors import (
     PersonaVector,
     check_vector_shape,
     export_npy,

@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from persona_jax import batching
-from persona_jax import chat
+from persona_jax.runtime import batching
+from persona_jax.io import chat
 from persona_jax.errors import PersonaError
 
 OVERFLOW = ("truncate", "drop", "error")
@@ -102,7 +102,7 @@ def validate_messages(obj, where: str) -> list[dict]:
 # Chat template -> ids + assistant mask.
 
 def render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    """Chat-template text, the project's one rendering rule (`persona_jax.chat`)."""
+    """Chat-template text, the project's one rendering rule (`persona_jax.io.chat`)."""
     return chat.render(tokenizer, messages, add_generation_prompt)
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax.errors import PersonaError
-from persona_jax.models.safetensors_io import SafetensorsFile, save_file
+from persona_jax.model.safetensors_io import SafetensorsFile, save_file
 
 # projection name -> sublayer that owns it
 TARGETS = {

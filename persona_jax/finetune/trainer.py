@@ -24,7 +24,7 @@ bit-identical params (on CPU; on GPU set XLA_FLAGS=--xla_gpu_deterministic_ops=t
 since scatter-add gradients of the embedding are otherwise non-deterministic).
 
 Interventions during training (preventative steering, CAFT ablation) are the same
-`persona_jax.steering.Steering` objects as at inference, turned into arrays once per
+`persona_jax.steering.spec.Steering` objects as at inference, turned into arrays once per
 batch shape; their position masks come from `position_masks(..., "train", mask)`.
 They act only in training steps; eval_loss is measured without them (the model as it
 will be used).
@@ -44,15 +44,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from persona_jax import batching, transforms
-from persona_jax import sharding as sh
+from persona_jax.runtime import batching
+from persona_jax.runtime import apply
+from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
-from persona_jax.models.config import DecoderConfig
-from persona_jax.models.families import config_to_hf
-from persona_jax.models.loading import hf_name
-from persona_jax.models.safetensors_io import save_file
+from persona_jax.model.config import DecoderConfig
+from persona_jax.model.families import config_to_hf
+from persona_jax.model.checkpoint import hf_name
+from persona_jax.model.safetensors_io import save_file
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -188,9 +189,9 @@ def _loss_sum(spec: _Spec, trainable, frozen, mb, interventions):
     """(sum of masked token cross entropies, number of masked target tokens) for one
     micro-batch mb = {tokens, attention_mask, loss_mask: [B, T], add_pos?, abl_pos?}."""
     params = _effective_params(spec, trainable, frozen)
-    ctx = transforms.make_ctx(mb["attention_mask"])
+    ctx = apply.make_ctx(mb["attention_mask"])
     ctx.update({k: mb[k] for k in ("add_pos", "abl_pos") if k in mb})
-    logits, _, _ = transforms.decoder_apply(spec.model, params, mb["tokens"], ctx,
+    logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
                                             interventions=interventions, remat=spec.remat)
     targets = mb["tokens"][:, 1:]
     weight = (mb["loss_mask"][:, 1:] * mb["attention_mask"][:, 1:]).astype(jnp.float32)
@@ -243,7 +244,7 @@ def _eval_step(spec: _Spec, trainable, frozen, batch):
 def _steering_setup(steerings, config: DecoderConfig, rows: int):
     """Interventions {add_vec, add_coef, abl_dir, abl_coef} for micro-batches of `rows`
     rows (built once: coefficients are the same for every row while training)."""
-    from persona_jax import steering as st
+    from persona_jax.steering import spec as st
 
     steerings = st.as_list(steerings)
     for s in steerings:
@@ -266,7 +267,7 @@ class _Batcher:
         self.rows = batching.grow_batch(tc.batch_size, batching.batch_multiple(mesh))
 
     def __call__(self, step: int) -> dict:
-        from persona_jax import steering as st
+        from persona_jax.steering import spec as st
 
         idx = self.order(step)
         t = batching.bucket(max(len(self.examples[i]) for i in idx))
@@ -397,7 +398,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     Args:
       config: the architecture.
       params: a param pytree (e.g. `Model.params`), or None to start from
-        `transforms.init_params(config, PRNGKey(seed))` (the organism).
+        `apply.init_params(config, PRNGKey(seed))` (the organism).
       train_data: `Example`s (from `data.load_jsonl` / `from_conversations`), (ids, mask)
         pairs, or a (examples, DataStats) tuple as the loaders return it.
       train_config: hyper-parameters; its seed fixes init, LoRA init and data order.
@@ -425,7 +426,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
 
     rng = jax.random.PRNGKey(tc.seed)
     if params is None:
-        params = jax.jit(transforms.init_params, static_argnums=0)(config, rng)
+        params = jax.jit(apply.init_params, static_argnums=0)(config, rng)
     # Every state array is committed to an explicit sharding, so the step's inputs look
     # the same at every step (and after a restore): one compile per batch shape.
     if mesh is None:

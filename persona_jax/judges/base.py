@@ -105,7 +105,7 @@ def judge_csv(
     """
     import jax
 
-    from persona_jax.csvio import RESPONSE_COLUMNS
+    from persona_jax.io.csvio import RESPONSE_COLUMNS
     from persona_jax.errors import PersonaError
 
     if trait in RESPONSE_COLUMNS or trait == "coherence" or not trait:
@@ -122,8 +122,8 @@ def judge_csv(
     # at the barrier and read the filled CSV
     from jax.experimental import multihost_utils
 
-    from persona_jax.csvio import read_csv
-    from persona_jax.distributed import writer_only
+    from persona_jax.io.csvio import read_csv
+    from persona_jax.io.distributed import writer_only
 
     done = writer_only(_fill_scores)(*args)
     judged = int(multihost_utils.broadcast_one_to_all(np.int32(done["judged"] if done else 0)))
@@ -148,7 +148,7 @@ def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, pro
     """`judge_csv`'s work on one process: judge the empty cells, rewrite the CSV per chunk."""
     from tqdm.auto import tqdm
 
-    from persona_jax.csvio import format_score, read_csv, write_csv_atomic
+    from persona_jax.io.csvio import format_score, read_csv, write_csv_atomic
 
     fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
     score_cols = [trait] + (["coherence"] if coherence else [])

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax import batching, transforms
+from persona_jax.runtime import batching
+from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
 from persona_jax.judges.aggregate import get_aggregator
 from persona_jax.judges.base import Judge, Score, check_aligned
 from persona_jax.judges.rubrics import COHERENCE_PROMPT, render
-from persona_jax.models.decoder import empty_cache
+from persona_jax.model.decoder import empty_cache
 
 CANDIDATES = {
     "0_100": [str(i) for i in range(101)] + ["REFUSAL"],
@@ -50,15 +51,15 @@ def candidate_logprobs(config, params, prompt, prompt_mask, cand, cand_len):
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     kv_valid = jnp.zeros((1, s), bool).at[:, :p].set(prompt_mask.astype(bool))
     kv_pos = jnp.concatenate([positions, n_real + jnp.arange(tc)[None]], axis=1)
-    ctx = transforms.make_ctx(prompt_mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
-    first_logits, _, cache = transforms.decoder_apply(c, params, prompt, ctx, cache=cache, logits="last")
+    ctx = apply.make_ctx(prompt_mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    first_logits, _, cache = apply.decoder_apply(c, params, prompt, ctx, cache=cache, logits="last")
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], n) + x.shape[2:]), cache)
     cmask = (jnp.arange(tc)[None] < cand_len[:, None])
-    cctx = transforms.make_ctx(cmask.astype(jnp.int32), positions=n_real + jnp.broadcast_to(jnp.arange(tc), (n, tc)),
+    cctx = apply.make_ctx(cmask.astype(jnp.int32), positions=n_real + jnp.broadcast_to(jnp.arange(tc), (n, tc)),
                                cache_index=p,
                                kv_valid=jnp.concatenate([jnp.broadcast_to(prompt_mask.astype(bool), (n, p)), cmask], 1),
                                kv_pos=jnp.broadcast_to(kv_pos, (n, s)))
-    logits, _, _ = transforms.decoder_apply(c, params, cand, cctx, cache=cache)
+    logits, _, _ = apply.decoder_apply(c, params, cand, cctx, cache=cache)
     # token t of a candidate is predicted by the prompt's last logits (t = 0) or by the
     # candidate's own logits at t - 1.
     lp_first = jax.nn.log_softmax(first_logits[0, -1])[cand[:, 0]]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 from persona_jax.errors import PersonaError
-from persona_jax.monitor import Condition
+from persona_jax.method.monitor import Condition
 from persona_jax.organism import artifacts
-from persona_jax.traits import Trait
+from persona_jax.method.traits import Trait
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 

@@ -1,7 +1,7 @@
 """Pipeline steps of METHOD.md 8-9: fine-tuning shift, preventative steering, CAFT,
 post-hoc mitigation, and flagging data before training.
 
-`EXTRA_STEPS` plugs them into `persona_jax.pipeline.run` (the `finetune` and `flagging`
+`EXTRA_STEPS` plugs them into `persona_jax.pipeline.steps.run` (the `finetune` and `flagging`
 steps of a config). Datasets and the content metric come from the trait source
 (`finetune_datasets`, `flagging_dataset`, `content_metric`), so the organism and real
 models share this code. Every run writes a `{trait}/finetune.json` / `flagging.json`
@@ -17,21 +17,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persona_jax import flagging as fl
-from persona_jax import pipeline as pl
-from persona_jax.csvio import read_csv
+from persona_jax.method import flagging as fl
+from persona_jax.pipeline import steps as pl
+from persona_jax.io.csvio import read_csv
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
 from persona_jax.finetune.trainer import TrainConfig, train
 from persona_jax.judges.base import judge_csv
-from persona_jax.models.loading import Model
-from persona_jax.monitor import pearson, spearman
-from persona_jax.projection import read_jsonl_conversations
-from persona_jax.responses import Spec, generate_to_csv, mean, scores
-from persona_jax.shift import finetuning_shift, mean_activations
-from persona_jax.steer_eval import conversation
-from persona_jax.steering import Steering
+from persona_jax.model.checkpoint import Model
+from persona_jax.method.monitor import pearson, spearman
+from persona_jax.method.projection import read_jsonl_conversations
+from persona_jax.method.responses import Spec, generate_to_csv, mean, scores
+from persona_jax.method.shift import finetuning_shift, mean_activations
+from persona_jax.method.steer_eval import conversation
+from persona_jax.steering.spec import Steering
 
 
 def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_prompt: str, csv_path: str, cfg,

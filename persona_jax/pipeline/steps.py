@@ -16,15 +16,15 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from persona_jax import extract as ex
-from persona_jax import monitor as mon
-from persona_jax import steer_eval as se
-from persona_jax.atomic import atomic_open
+from persona_jax.method import extract as ex
+from persona_jax.method import monitor as mon
+from persona_jax.method import steer_eval as se
+from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.judges.base import Judge
-from persona_jax.responses import Sampling
-from persona_jax.traits import Trait, load_trait, system_prompt, trait_paths
-from persona_jax.distributed import writer_only
+from persona_jax.method.responses import Sampling
+from persona_jax.method.traits import Trait, load_trait, system_prompt, trait_paths
+from persona_jax.io.distributed import writer_only
 
 
 class TraitSource(Protocol):
@@ -152,7 +152,7 @@ def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workd
 
 def load_step_vector(workdir, name, reduction, model):
     """The `{trait}_{reduction}_diff.pt` the extract step wrote, checked against the model."""
-    from persona_jax.vectors import check_vector_shape, import_pt, vector_filename
+    from persona_jax.io.vectors import check_vector_shape, import_pt, vector_filename
     v = import_pt(os.path.join(workdir, name, vector_filename(name, reduction, ".pt")))
     check_vector_shape(v, model.num_layers, model.hidden_size, f"{name} {reduction} vector")
     return v

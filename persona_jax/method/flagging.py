@@ -15,12 +15,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persona_jax.capture import capture
-from persona_jax.atomic import atomic_open
+from persona_jax.runtime.capture import capture
+from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
-from persona_jax.generate import generate
-from persona_jax.projection import project, read_jsonl_conversations
-from persona_jax.vectors import check_vector_shape
+from persona_jax.runtime.generate import generate
+from persona_jax.method.projection import project, read_jsonl_conversations
+from persona_jax.io.vectors import check_vector_shape
 
 
 @dataclasses.dataclass

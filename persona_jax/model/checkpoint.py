@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from persona_jax import sharding as sh
-from persona_jax import transforms
+from persona_jax.model import sharding as sh
+from persona_jax.model import decoder
 from persona_jax.errors import PersonaError
-from persona_jax.models.config import DecoderConfig
-from persona_jax.models.families import config_from_hf
-from persona_jax.models.safetensors_io import SafetensorsFile
+from persona_jax.model.config import DecoderConfig
+from persona_jax.model.families import config_from_hf
+from persona_jax.model.safetensors_io import SafetensorsFile
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,7 +62,7 @@ class Model:
 
     def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
         """Chat template text for one conversation (list of {role, content})."""
-        from persona_jax import chat
+        from persona_jax.io import chat
         return chat.render(self.require_tokenizer(), messages, add_generation_prompt, where=self.name)
 
     @property
@@ -174,7 +174,7 @@ def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_
 def load_params(directory: str, config: DecoderConfig, dtype=jnp.float32, mesh: Mesh | None = None):
     """Stream a checkpoint's weights into (sharded) device arrays."""
     reader = _Reader(_weight_files(directory))
-    shapes = transforms.param_shapes(config, dtype)
+    shapes = decoder.param_shapes(config, dtype)
     if mesh is not None:
         shardings = sh.param_shardings(shapes, mesh)
     else:

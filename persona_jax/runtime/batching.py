@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from persona_jax import sharding as sh
+from persona_jax.model import sharding as sh
 
 
 def bucket(n: int, minimum: int = 16) -> int:

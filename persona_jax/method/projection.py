@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
-from persona_jax.capture import capture
-from persona_jax.csvio import read_csv, write_csv_atomic
-from persona_jax.atomic import atomic_open
+from persona_jax.runtime.capture import capture
+from persona_jax.io.csvio import read_csv, write_csv_atomic
+from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
-from persona_jax.vectors import PersonaVector, check_vector_shape
+from persona_jax.io.vectors import PersonaVector, check_vector_shape
 
 
 def project(acts: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -122,7 +122,7 @@ def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Seque
 
 def vectors_by_stem(paths: Sequence[str]) -> dict[str, np.ndarray]:
     """Load vector files / Orbax dirs keyed by their file stem (the column-name part)."""
-    from persona_jax.vectors import load_any
+    from persona_jax.io.vectors import load_any
     return {Path(p).stem if not os.path.isdir(p) else Path(p).name: load_any(p).array for p in paths}
 
 

@@ -13,13 +13,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persona_jax import vectors as vec_io
-from persona_jax.capture import REDUCTIONS, capture
-from persona_jax.csvio import read_csv
+from persona_jax.io import vectors as vec_io
+from persona_jax.runtime.capture import REDUCTIONS, capture
+from persona_jax.io.csvio import read_csv
 from persona_jax.errors import PersonaError
 from persona_jax.judges.base import Judge, judge_csv
-from persona_jax.responses import Sampling, Spec, generate_to_csv, scores
-from persona_jax.traits import Trait, contrastive_prompts
+from persona_jax.method.responses import Sampling, Spec, generate_to_csv, scores
+from persona_jax.method.traits import Trait, contrastive_prompts
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persona_jax import batching, transforms
+from persona_jax.runtime import batching
+from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
 
 
@@ -21,8 +22,8 @@ class ForwardOutput:
 @functools.partial(jax.jit, static_argnames=("config",))
 def forward_arrays(config, params, input_ids, attention_mask):
     """Jitted forward: input_ids/attention_mask [B, T] -> (logits [B, T, V], hidden [L+1, B, T, D])."""
-    ctx = transforms.make_ctx(attention_mask)
-    logits, hidden, _ = transforms.decoder_apply(config, params, input_ids, ctx, capture="hidden")
+    ctx = apply.make_ctx(attention_mask)
+    logits, hidden, _ = apply.decoder_apply(config, params, input_ids, ctx, capture="hidden")
     return logits, hidden
 
 

@@ -8,33 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from persona_jax import interventions as iv
-from persona_jax.models.config import DecoderConfig
-from persona_jax.models.decoder import Decoder
-
-
-def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None, right_padded=False):
-    """Per-call context broadcast to every block.
-
-    attention_mask: [B, T] (1 = real token, 0 = padding). positions default to the count
-    of real tokens before each slot, so padded rows get the positions of unpadded ones.
-    kv_valid/kv_pos [B, S] default to the mask/positions themselves (no cache).
-    right_padded: the caller guarantees every row's real tokens come first (padding only
-    at the end); cache-free calls may then use a fused causal attention kernel
-    (`DecoderConfig.attention_impl`).
-    """
-    mask = jnp.asarray(attention_mask).astype(bool)
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-    ctx = {
-        "positions": positions.astype(jnp.int32),
-        "kv_valid": mask if kv_valid is None else kv_valid.astype(bool),
-        "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),
-        "cache_index": jnp.asarray(cache_index, jnp.int32),
-    }
-    if right_padded:  # its presence is the (static) flag the attention reads
-        ctx["right_padded"] = True
-    return ctx
+from persona_jax.steering import interceptor as iv
+from persona_jax.model.config import DecoderConfig
+from persona_jax.model.decoder import Decoder, init_params, make_ctx, param_shapes  # noqa: F401 (the apply API)
 
 
 def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,
@@ -48,7 +24,7 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
       ctx: from `make_ctx`, plus `add_pos` [K, B, T] / `abl_pos` [J, B, T] when
         `interventions` has add / ablation terms, and `readout` [R, B, T] when
         capture == "readout".
-      interventions: dict of [L+1, ...] arrays (see `persona_jax.interventions`) or None.
+      interventions: dict of [L+1, ...] arrays (see `persona_jax.steering.interceptor`) or None.
       cache: {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]} (`models.decoder.empty_cache`) or None.
       capture: None, "hidden" (all states) or "readout" (weighted position sums).
       logits: True (all positions), "last" (last position only) or False (capture
@@ -76,15 +52,3 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
         last = h_final if capture == "hidden" else iv.readout(h_final, ctx["readout"])
         captured = jnp.concatenate([first[None], blocks[:-1], last[None]], axis=0)
     return lg, captured, new_cache
-
-
-def init_params(config: DecoderConfig, rng, dtype=jnp.float32):
-    """Random params (normal(0.02) kernels, unit norms): for training from scratch."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    ctx = make_ctx(jnp.ones((1, 1), jnp.int32))
-    return Decoder(config, dtype).init(rng, tokens, ctx)["params"]
-
-
-def param_shapes(config: DecoderConfig, dtype=jnp.float32):
-    """ShapeDtypeStruct pytree of the params, without allocating them."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))

@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from persona_jax.judges.base import Judge, judge_csv
-from persona_jax.responses import Sampling, Spec, generate_to_csv, mean, scores
-from persona_jax.steering import Steering
-from persona_jax.distributed import writer_only
+from persona_jax.method.responses import Sampling, Spec, generate_to_csv, mean, scores
+from persona_jax.steering.spec import Steering
+from persona_jax.io.distributed import writer_only
 
 
 def conversation(question: str, system: Optional[str] = None, prefix: Sequence[dict] = ()) -> list[dict]:
@@ -66,7 +66,7 @@ def sweep(model, vector: np.ndarray, questions: Sequence[str], layers: Sequence[
 
     generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress)
     judge_csv(judge, csv_path, trait, eval_prompt, progress=progress)
-    from persona_jax.csvio import read_csv
+    from persona_jax.io.csvio import read_csv
     _, rows = read_csv(csv_path)
     t, c = scores(rows, trait, csv_path), scores(rows, "coherence", csv_path)
     trait_m = np.full((len(layers), len(coefs)), np.nan)

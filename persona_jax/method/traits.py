@@ -18,7 +18,7 @@ import string
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
-from persona_jax.atomic import atomic_open
+from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
 from persona_jax.judges.rubrics import template_fields
 
@@ -497,8 +497,8 @@ def anthropic_llm(
 
 def local_llm(model, max_new_tokens: int = 4000, temperature: float = 1.0, seed: int = 0) -> LLM:
     """A loaded local instruct model (`persona_jax.load_model`) as the artifact generator:
-    the prompt is the user turn, the answer is sampled with `persona_jax.generate`."""
-    from persona_jax.generate import generate
+    the prompt is the user turn, the answer is sampled with `persona_jax.runtime.generate`."""
+    from persona_jax.runtime.generate import generate
 
     def call(prompt: str) -> str:
         return generate(model, [[{"role": "user", "content": prompt}]], max_new_tokens,

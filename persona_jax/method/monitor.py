@@ -13,13 +13,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persona_jax.capture import capture
-from persona_jax.csvio import read_csv
+from persona_jax.runtime.capture import capture
+from persona_jax.io.csvio import read_csv
 from persona_jax.judges.base import Judge, judge_csv
-from persona_jax.projection import project
-from persona_jax.responses import Sampling, Spec, generate_to_csv, mean, scores
-from persona_jax.steer_eval import conversation
-from persona_jax.distributed import writer_only
+from persona_jax.method.projection import project
+from persona_jax.method.responses import Sampling, Spec, generate_to_csv, mean, scores
+from persona_jax.method.steer_eval import conversation
+from persona_jax.io.distributed import writer_only
 
 
 @dataclasses.dataclass

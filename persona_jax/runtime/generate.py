@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax import batching, transforms
-from persona_jax import interventions as iv
+from persona_jax.runtime import batching
+from persona_jax.runtime import apply
+from persona_jax.steering import interceptor as iv
 from persona_jax.errors import PersonaError
-from persona_jax.models.decoder import Block, Embedding, RMSNorm, empty_cache
-from persona_jax.steering import Steering, as_list, position_masks, steering_arrays
+from persona_jax.model.decoder import Block, Embedding, RMSNorm, empty_cache
+from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def per_layer(config, params, cache, interventions=None):
 def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=None):
     """One decode call with the blocks unrolled over per-layer buffers.
 
-    The same computation as `transforms.decoder_apply(..., cache=..., logits="last")`,
+    The same computation as `apply.decoder_apply(..., cache=..., logits="last")`,
     but each block reads its own params and cache buffers, so on CPU no step copies a
     layer's weights or cache out of (and back into) the stacked [L, ...] arrays the way
     the scanned decoder must; that copying dominated decode time. Prefill and capture
@@ -119,7 +120,7 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
       params: the full param tree (embedding, final norm, LM head are read from it).
       layers: [L] per-layer block params; caches: [L] {k: [B, KV, hd, S], v: [B, KV, S, hd]} (from
         `per_layer`).
-      tokens: [B, T] int32; ctx: `transforms.make_ctx(...)` plus `add_pos`/`abl_pos`.
+      tokens: [B, T] int32; ctx: `apply.make_ctx(...)` plus `add_pos`/`abl_pos`.
       intervention_rows: [L+1] dicts of per-hidden-state intervention arrays
         (`per_layer`), or None.
     Returns (logits [B, V] float32 of the last position, new caches [L]).
@@ -174,9 +175,9 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
     kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
     kv_pos = jnp.concatenate(
         [positions, n_prompt[:, None] + jnp.arange(cache_len - p)[None]], axis=1).astype(jnp.int32)
-    ctx = transforms.make_ctx(mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    ctx = apply.make_ctx(mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
     ctx.update(prefill_pos or {})
-    logits, _, cache = transforms.decoder_apply(
+    logits, _, cache = apply.decoder_apply(
         c, params, tokens, ctx, interventions=interventions, cache=cache, logits="last")
     first = _pick(logits[:, -1], row_keys, 0, temperature, top_k, top_p, min_new, sp)
     if not scan_decode:
@@ -195,11 +196,11 @@ def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, 
         step, out, cache, kv_valid, done, lengths, last = state
         slot = p + step - 1  # the slot of `last`, the token being fed now
         kv_valid = kv_valid.at[:, slot].set(True)
-        dctx = transforms.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
+        dctx = apply.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
                                    cache_index=slot, kv_valid=kv_valid, kv_pos=kv_pos)
         dctx.update(decode_pos or {})
         if scan_decode:
-            logits, _, cache = transforms.decoder_apply(
+            logits, _, cache = apply.decoder_apply(
                 c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
             logits = logits[:, -1]
         else:

@@ -25,7 +25,7 @@ from typing import Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from persona_jax.models.decoder import Block, Embedding
+from persona_jax.model.decoder import Block, Embedding
 
 Capture = Literal[None, "hidden", "readout"]
 

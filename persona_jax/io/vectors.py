@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from persona_jax.atomic import atomic_path
+from persona_jax.io.atomic import atomic_path
 from persona_jax.errors import PersonaError
-from persona_jax.distributed import writer_only
+from persona_jax.io.distributed import writer_only
 
 REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from persona_jax import sharding as sh
+from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
 
 
@@ -30,7 +30,7 @@ def mesh_from(cfg):
 
 def trait_source(cfg):
     if cfg.trait_source == "files":
-        from persona_jax.pipeline import FileTraits
+        from persona_jax.pipeline.steps import FileTraits
         if not os.path.isdir(cfg.trait_dir):
             raise PersonaError(f"trait_dir {cfg.trait_dir} does not exist; it must hold trait_data_extract/ and trait_data_eval/")
         return FileTraits(cfg.trait_dir, cfg.antonym)
@@ -51,8 +51,7 @@ def model_path(cfg) -> str:
 
 def setup(cfg, workdir: str, need_judge: bool = True):
     """Initialise devices and return (model, judge or None, trait source)."""
-    from persona_jax.judges.factory import make_judge
-    from persona_jax.models import load_model
+    from persona_jax.model import load_model
 
     sh.maybe_initialize_distributed(bool(cfg.distributed))
     os.makedirs(workdir, exist_ok=True)
@@ -63,3 +62,22 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
     judge = make_judge(cfg.judge, workdir) if need_judge else None
     return model, judge, trait_source(cfg)
+
+
+def make_judge(cfg, workdir: str):
+    """cfg: the `judge` ConfigDict (kind = openai | local | organism)."""
+    if cfg.kind == "openai":
+        from persona_jax.judges.openai_judge import OpenAIJudge
+        return OpenAIJudge(cfg.model, base_url=cfg.base_url or None, api_key_env=cfg.api_key_env,
+                           aggregation=cfg.aggregation, max_concurrency=int(cfg.max_concurrency),
+                           cache_path=os.path.join(workdir, "judge_cache.sqlite"))
+    if cfg.kind == "local":
+        from persona_jax.judges.local_judge import LocalJudge
+        from persona_jax.model import load_model
+        if not cfg.local_model:
+            raise PersonaError("judge.kind=local needs judge.local_model (a checkpoint directory)")
+        return LocalJudge(load_model(cfg.local_model, dtype=cfg.local_dtype), aggregation=cfg.aggregation)
+    if cfg.kind == "organism":
+        from persona_jax.organism.judge import OrganismJudge
+        return OrganismJudge()
+    raise PersonaError(f"unknown judge kind {cfg.kind!r}; use openai, local or organism")

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax import batching, transforms
+from persona_jax.runtime import batching
+from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
-from persona_jax.generate import tokenize
+from persona_jax.runtime.generate import tokenize
 
 REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
 
@@ -60,10 +61,10 @@ def capture_arrays(config, params, tokens, prompt_lens, total_lens, intervention
     """
     t = tokens.shape[1]
     mask = (jnp.arange(t)[None, :] < total_lens[:, None]).astype(jnp.int32)
-    ctx = transforms.make_ctx(mask, right_padded=True)  # the mask is a prefix by construction
+    ctx = apply.make_ctx(mask, right_padded=True)  # the mask is a prefix by construction
     ctx["readout"] = readout_weights(prompt_lens, total_lens, t)
     ctx.update(positions_masks or {})
-    _, ro, _ = transforms.decoder_apply(config, params, tokens, ctx, interventions=interventions,
+    _, ro, _ = apply.decoder_apply(config, params, tokens, ctx, interventions=interventions,
                                         capture="readout", logits=False)
     return jnp.transpose(ro, (1, 2, 0, 3))  # [L+1, 3, B, D] -> [3, B, L+1, D]
 

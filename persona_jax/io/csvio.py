@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from persona_jax.atomic import atomic_open
+from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
-from persona_jax.distributed import writer_only
+from persona_jax.io.distributed import writer_only
 
 RESPONSE_COLUMNS = ("question", "prompt", "answer", "question_id")
 

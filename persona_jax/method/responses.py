@@ -13,10 +13,10 @@ import logging
 import os
 from typing import Callable, Optional, Sequence
 
-from persona_jax.csvio import parse_score, read_csv, write_csv_atomic
+from persona_jax.io.csvio import parse_score, read_csv, write_csv_atomic
 from persona_jax.errors import PersonaError
-from persona_jax.generate import generate
-from persona_jax.steering import Steering
+from persona_jax.runtime.generate import generate
+from persona_jax.steering.spec import Steering
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from persona_jax.capture import capture
-from persona_jax.projection import project
+from persona_jax.runtime.capture import capture
+from persona_jax.method.projection import project
 
 
 def mean_activations(model, prompts: Sequence[str], responses: Sequence[str], layer: int, batch_size: int = 16,

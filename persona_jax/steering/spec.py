@@ -1,6 +1,6 @@
 """`Steering`: what to add to (or ablate from) the residual stream, as data.
 
-A `Steering` becomes intervention arrays (see `persona_jax.interventions`):
+A `Steering` becomes intervention arrays (see `persona_jax.steering.interceptor`):
 `add_vec`/`abl_dir` [L+1, K, D], `add_coef`/`abl_coef` [L+1, K, B] and per-call position
 masks [K, B, T]. Coefficients and layers are array values, so a layer x coefficient
 sweep is one batch of one compiled program.

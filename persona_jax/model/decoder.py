@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from persona_jax.models.config import DecoderConfig
+from persona_jax.model.config import DecoderConfig
 
 _ACTS = {
     "silu": jax.nn.silu,
@@ -241,3 +241,40 @@ class Decoder(nn.Module):
                 out = _dense(c.vocab_size, False, self.dtype, "lm_head")(h)
             out = out.astype(jnp.float32)
         return out, h_final, new_cache
+
+
+
+def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None, right_padded=False):
+    """Per-call context broadcast to every block.
+
+    attention_mask: [B, T] (1 = real token, 0 = padding). positions default to the count
+    of real tokens before each slot, so padded rows get the positions of unpadded ones.
+    kv_valid/kv_pos [B, S] default to the mask/positions themselves (no cache).
+    right_padded: the caller guarantees every row's real tokens come first (padding only
+    at the end); cache-free calls may then use a fused causal attention kernel
+    (`DecoderConfig.attention_impl`).
+    """
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    ctx = {
+        "positions": positions.astype(jnp.int32),
+        "kv_valid": mask if kv_valid is None else kv_valid.astype(bool),
+        "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),
+        "cache_index": jnp.asarray(cache_index, jnp.int32),
+    }
+    if right_padded:  # its presence is the (static) flag the attention reads
+        ctx["right_padded"] = True
+    return ctx
+
+
+def init_params(config: DecoderConfig, rng, dtype=jnp.float32):
+    """Random params (normal(0.02) kernels, unit norms): for training from scratch."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    ctx = make_ctx(jnp.ones((1, 1), jnp.int32))
+    return Decoder(config, dtype).init(rng, tokens, ctx)["params"]
+
+
+def param_shapes(config: DecoderConfig, dtype=jnp.float32):
+    """ShapeDtypeStruct pytree of the params, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))

@@ -6,7 +6,7 @@ Weight names are the same for every supported family (`model.layers.{i}.self_att
 from __future__ import annotations
 
 from persona_jax.errors import PersonaError
-from persona_jax.models.config import DecoderConfig
+from persona_jax.model.config import DecoderConfig
 
 
 def _rope(cfg: dict) -> dict:
