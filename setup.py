@@ -16,6 +16,7 @@ setup(
         "transformers>=5.0",
         "safetensors>=0.6",
         "numpy>=2.0",
+        "scipy>=1.11",
         "ml-collections>=1.1",
         "absl-py>=2.0",
         "tqdm>=4.66",

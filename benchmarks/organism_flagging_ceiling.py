@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from persona_jax.runtime.capture import capture  # noqa: E402
-from persona_jax.method.flagging import auroc  # noqa: E402
+from persona_jax.method.stats import auroc  # noqa: E402
 from persona_jax.runtime.generate import generate  # noqa: E402
 from persona_jax.model import load_model  # noqa: E402
 from persona_jax.organism import data as odata, language as L  # noqa: E402

@@ -34,6 +34,7 @@ def main(argv):
     from persona_jax.model import load_model
     from persona_jax.method.projection import read_jsonl_conversations
     from persona_jax.io.vectors import load_any
+    from persona_jax.method import stats
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
     records = read_jsonl_conversations(_DATA.value)
@@ -52,8 +53,8 @@ def main(argv):
     report = {"n": len(records), "mean_delta": res.mean_delta, "layer": _LAYER.value,
               "dropped": kept["dropped"], "kept": kept["kept"]}
     if labels is not None:
-        report["auroc"] = fl.auroc(res.delta, labels)
-        report["auroc_raw_projection"] = fl.auroc(res.dataset_proj, labels)
+        report["auroc"] = stats.auroc(res.delta, labels)
+        report["auroc_raw_projection"] = stats.auroc(res.dataset_proj, labels)
     fl.write_flagged_csv(os.path.join(_WORKDIR.value, "flagged.csv"), res, labels)
     with open(os.path.join(_WORKDIR.value, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -13,6 +13,7 @@ import torch
 
 import persona_jax as pj
 from persona_jax.method import flagging as fl
+from persona_jax.method import stats
 from persona_jax.errors import PersonaError
 from persona_jax.testing import tiny_checkpoint
 
@@ -69,7 +70,7 @@ def test_projection_difference_matches_transformers(tiny, reference):
     with pytest.raises(PersonaError, match="outside"):
         fl.projection_difference(model, RECORDS, vec, 4, max_new_tokens=NEW, progress=False)
     with pytest.raises(PersonaError, match="one label per score"):
-        fl.auroc(res.delta, LABELS[:-1])
+        stats.auroc(res.delta, LABELS[:-1])
 
 
 def test_flag_data_runner_writes_scores_cleaned_data_and_auroc(tiny, reference, tmp_path):

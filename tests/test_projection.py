@@ -8,6 +8,7 @@ import torch
 
 import persona_jax as pj
 from persona_jax.method import flagging as fl
+from persona_jax.method import stats
 from persona_jax.errors import PersonaError
 from persona_jax.method.projection import column_name, project_file
 from persona_jax.method.shift import finetuning_shift, mean_activations
@@ -76,9 +77,9 @@ def test_auroc_equals_pairwise_count():
     labels = rng.integers(0, 2, 60)
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-    assert abs(fl.auroc(scores, labels) - pairwise) < 1e-12
+    assert abs(stats.auroc(scores, labels) - pairwise) < 1e-12
     with pytest.raises(PersonaError):
-        fl.auroc([1.0, 2.0], [1, 1])
+        stats.auroc([1.0, 2.0], [1, 1])
 
 
 def test_finetuning_shift_matches_numpy(tiny):

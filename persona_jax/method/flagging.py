@@ -56,29 +56,6 @@ def projection_difference(model, records: Sequence[dict], vector: np.ndarray, la
     return FlagResult(out["dataset"] - out["base"], out["dataset"], out["base"], list(base_responses))
 
 
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    s = np.asarray(scores, float)
-    y = np.asarray(labels, bool)
-    if s.shape != y.shape or s.ndim != 1:
-        raise PersonaError(f"AUROC needs one label per score, got {s.shape} scores and {y.shape} labels")
-    ok = ~np.isnan(s)
-    s, y = s[ok], y[ok]
-    n_pos, n_neg = y.sum(), (~y).sum()
-    if n_pos == 0 or n_neg == 0:
-        raise PersonaError("AUROC needs both flagged and clean samples")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
 
 def write_flagged_csv(path: str, result: FlagResult, labels: Optional[Sequence[int]] = None) -> str:
     """One row per sample: index, delta, dataset_proj, base_proj, [label,] base_response."""

@@ -17,6 +17,7 @@ from persona_jax.runtime.capture import capture
 from persona_jax.io.csvio import read_csv
 from persona_jax.judges.base import Judge, judge_csv
 from persona_jax.method.projection import project
+from persona_jax.method.stats import pearson
 from persona_jax.method.responses import Sampling, Spec, generate_to_csv, mean, scores
 from persona_jax.method.steer_eval import conversation
 from persona_jax.io.distributed import writer_only
@@ -27,20 +28,6 @@ class Condition:
     name: str
     system: Optional[str] = None
     prefix: Sequence[dict] = ()  # many-shot example turns before the question
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def spearman(x, y) -> float:
-    """Rank correlation (ties broken by order)."""
-    rx = np.argsort(np.argsort(np.asarray(x, float))).astype(float)
-    ry = np.argsort(np.argsort(np.asarray(y, float))).astype(float)
-    return pearson(rx, ry)
 
 
 def run_conditions(model, vector: np.ndarray, layer: int, conditions: Sequence[Condition], questions: Sequence[str],

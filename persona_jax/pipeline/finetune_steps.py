@@ -26,7 +26,7 @@ from persona_jax.finetune import lora as flora
 from persona_jax.finetune.trainer import TrainConfig, train
 from persona_jax.judges.base import judge_csv
 from persona_jax.model.checkpoint import Model
-from persona_jax.method.monitor import pearson, spearman
+from persona_jax.method.stats import auroc, pearson, spearman
 from persona_jax.method.projection import read_jsonl_conversations
 from persona_jax.method.responses import Spec, generate_to_csv, mean, scores
 from persona_jax.method.shift import finetuning_shift, mean_activations
@@ -157,7 +157,7 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     kw["progress"] = bool(cfg.progress)
     res = fl.projection_difference(model, records, vector, layer, **kw)
     summary = {"layer": layer, "n": len(records), "n_flagged": int(sum(labels)),
-               "auroc": fl.auroc(res.delta, labels), "auroc_raw_projection": fl.auroc(res.dataset_proj, labels)}
+               "auroc": auroc(res.delta, labels), "auroc_raw_projection": auroc(res.dataset_proj, labels)}
     fl.write_flagged_csv(os.path.join(d, "flagged.csv"), res, labels)  # per sample, for inspection
     cleaned = fl.filter_jsonl(path, os.path.join(d, "cleaned.jsonl"), res, drop_fraction=float(np.mean(labels)))
     summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}

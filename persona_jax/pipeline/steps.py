@@ -18,6 +18,7 @@ import numpy as np
 
 from persona_jax.method import extract as ex
 from persona_jax.method import monitor as mon
+from persona_jax.method import stats
 from persona_jax.method import steer_eval as se
 from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
@@ -191,7 +192,7 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
     # monotonicity over coefficients 0 .. the largest whose coherence stays above the floor
     coherent = [j for j, h in enumerate(grid.coherence[li]) if h >= float(s.coherence_floor)]
     upto = list(range(max(coherent) + 1)) if coherent else []
-    monotone = (mon.spearman([coefs[j] for j in upto], [grid.trait[li, j] for j in upto])
+    monotone = (stats.spearman([coefs[j] for j in upto], [grid.trait[li, j] for j in upto])
                 if len(upto) >= 3 else float("nan"))
     neg_base = float(neg.trait[0, 0])
     _, neg_coef, neg_gain = neg.best(neg_base, float(s.coherence_floor), sign=-1.0)
