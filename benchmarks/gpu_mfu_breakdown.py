@@ -63,7 +63,7 @@ def main():
     params = jax.jit(lambda k: apply.init_params(config, k, jnp.bfloat16))(key)
     rng = np.random.default_rng(0)
     forward = jax.jit(lambda p, tok, m: apply.decoder_apply(
-        config, p, tok, apply.make_ctx(m), capture="hidden", logits=False)[1][-1])
+        config, p, tok, apply.make_ctx(m), capture="hidden", logits="none")[1][-1])
     for bsz, t in ((64, 128), (16, 512)):
         tok = jnp.asarray(rng.integers(2, V, (bsz, t)), jnp.int32)
         pl, tl = jnp.full((bsz,), t // 4, jnp.int32), jnp.full((bsz,), t, jnp.int32)

@@ -4,6 +4,7 @@ Every field is the record of the experiment: runners take `--config=configs/x.py
 and `--config.field=value` overrides, and copy the final config into report.json.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -51,7 +52,7 @@ def get_config():
 
     c.monitor = ml_collections.ConfigDict(dict(
         reduction="response_avg",
-        layer=0,  # 0: the layer chosen by the steering step (or the last layer)
+        layer=config_dict.placeholder(int),  # None: the layer the steering step chose (else the last)
         n_questions=0, n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size=64, chunk_size=1024,
     ))

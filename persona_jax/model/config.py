@@ -84,13 +84,6 @@ class DecoderConfig:
         if self.attention_impl not in ("auto", "einsum", "xla", "cudnn"):
             raise ValueError(f"attention_impl must be auto, einsum, xla or cudnn; got {self.attention_impl!r}")
 
-    @property
-    def num_params(self) -> int:
-        d, f, h, kv, hd, v = (self.hidden_size, self.intermediate_size, self.num_heads,
-                              self.num_kv_heads, self.head_dim, self.vocab_size)
-        per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
-        return self.num_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
-
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim // 2], float32, as transformers computes them."""
         dim = self.head_dim

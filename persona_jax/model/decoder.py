@@ -2,7 +2,7 @@
 
 Blocks are stacked with `nn.scan` (params carry a leading [L] axis) so compile time does
 not grow with depth. Interventions are not written here: they are interceptors around
-`Block.__call__` (see `persona_jax/interventions.py`) that read per-layer slices of the
+`Block.__call__` (see `persona_jax/steering/interceptor.py`) that read per-layer slices of the
 `interventions` collection, which is scanned with the layers.
 
 Slots vs positions: a sequence lives in `S` cache slots (or `T` slots without a cache).
@@ -10,6 +10,8 @@ Causality is by slot index (padding keeps its slot), RoPE and sliding windows us
 token's real position, so left- or right-padded rows compute what unpadded rows do.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,9 @@ def fused_attention_impl(c: DecoderConfig, dtype):
 class Attention(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype
+    # the caller guarantees every row's real tokens come first (padding only at the end), so
+    # cache-free calls may use a fused causal kernel (`DecoderConfig.attention_impl`)
+    right_padded: bool = False
 
     @nn.compact
     def __call__(self, x, ctx, window, cache):
@@ -89,7 +94,7 @@ class Attention(nn.Module):
         q = rope(q, ctx["positions"], inv_freq)
         k = rope(k, ctx["positions"], inv_freq)
 
-        impl = fused_attention_impl(c, q.dtype) if cache is None and "right_padded" in ctx else None
+        impl = fused_attention_impl(c, q.dtype) if cache is None and self.right_padded else None
         if impl is not None:
             # Every row's real tokens are a prefix, so causal masking alone gives the real
             # positions exactly what the explicit mask would (padded positions attend to
@@ -165,11 +170,12 @@ class Block(nn.Module):
 
     config: DecoderConfig
     dtype: jnp.dtype
+    right_padded: bool = False  # see Attention
 
     @nn.compact
     def __call__(self, h, layer_in, ctx):
         c = self.config
-        a, new_cache = Attention(c, self.dtype, name="self_attn")(
+        a, new_cache = Attention(c, self.dtype, self.right_padded, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
             ctx, layer_in["window"], layer_in.get("cache"))
         h = h + a
@@ -199,10 +205,10 @@ class Embedding(nn.Module):
 class Decoder(nn.Module):
     """The whole model. Hidden state l (HF `output_hidden_states` index) is the output of
     `Embedding` for l = 0 and of block l-1 otherwise; the last one is additionally passed
-    through the final norm by the caller's readout (the HF quirk; see interventions.py).
+    through the final norm by the caller's readout (the HF quirk; see steering/interceptor.py).
 
-    __call__(tokens [B, T], ctx, cache=None, logits=True) ->
-      (logits [B, T, V] float32 ([B, 1, V] when logits == "last") or None,
+    __call__(tokens [B, T], ctx, cache=None, logits="all") ->
+      (logits [B, T, V] float32 ("all"), [B, 1, V] ("last") or None ("none"),
        h_final [B, T, D] after the final norm,
        new_cache (the same layout as `cache`) or None)
     """
@@ -210,9 +216,10 @@ class Decoder(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False  # recompute block activations in the backward pass (training memory)
+    right_padded: bool = False  # see Attention
 
     @nn.compact
-    def __call__(self, tokens, ctx, cache=None, logits=True):
+    def __call__(self, tokens, ctx, cache=None, logits: Literal["all", "last", "none"] = "all"):
         c = self.config
         embed = Embedding(c, self.dtype, name="embed_tokens")
         h = embed(tokens, ctx)
@@ -227,14 +234,16 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=c.num_layers,
-        )(c, self.dtype, name="layers")
+        )(c, self.dtype, self.right_padded, name="layers")
         h, new_cache = blocks(h, layer_in, ctx)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
         h_final = h
         out = None
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none'; got {logits!r}")
         if logits == "last":  # sampling needs only the last position's logits
             h = h[:, -1:]
-        if logits:
+        if logits != "none":
             if c.tie_word_embeddings:
                 out = embed.attend(h)
             else:
@@ -244,15 +253,12 @@ class Decoder(nn.Module):
 
 
 
-def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None, right_padded=False):
+def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None):
     """Per-call context broadcast to every block.
 
     attention_mask: [B, T] (1 = real token, 0 = padding). positions default to the count
     of real tokens before each slot, so padded rows get the positions of unpadded ones.
     kv_valid/kv_pos [B, S] default to the mask/positions themselves (no cache).
-    right_padded: the caller guarantees every row's real tokens come first (padding only
-    at the end); cache-free calls may then use a fused causal attention kernel
-    (`DecoderConfig.attention_impl`).
     """
     mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
@@ -263,8 +269,6 @@ def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_po
         "kv_pos": positions.astype(jnp.int32) if kv_pos is None else kv_pos.astype(jnp.int32),
         "cache_index": jnp.asarray(cache_index, jnp.int32),
     }
-    if right_padded:  # its presence is the (static) flag the attention reads
-        ctx["right_padded"] = True
     return ctx
 
 

@@ -1,7 +1,8 @@
 """Thin per-family converters: HF `config.json` dict -> `DecoderConfig`.
 
 Weight names are the same for every supported family (`model.layers.{i}.self_attn.q_proj.weight`
-...), so the family only decides the config switches; see `weights.py` for the names.
+...), so the family only decides the config switches; `checkpoint.hf_name` maps our param
+paths to them.
 """
 from __future__ import annotations
 

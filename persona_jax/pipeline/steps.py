@@ -248,11 +248,11 @@ def run(model, judge: Judge, source: TraitSource, cfg, workdir: str, extra_steps
         entry = {}
         if "extract" in cfg.steps:
             entry["extraction"] = step_extract(model, judge, source, name, cfg, workdir, progress)
-        layer = int(cfg.monitor.layer) if cfg.monitor.layer > 0 else None
+        layer = None if cfg.monitor.layer is None else int(cfg.monitor.layer)
         if "steer" in cfg.steps:
             entry["steering"] = step_steer(model, judge, source, name, cfg, workdir, progress)
-            layer = layer or entry["steering"]["layer"]
-        entry["layer"] = layer or model.num_layers
+            layer = entry["steering"]["layer"] if layer is None else layer
+        entry["layer"] = model.num_layers if layer is None else layer
         if "monitor" in cfg.steps:
             entry["monitoring"] = step_monitor(model, judge, source, name, cfg, workdir, entry["layer"], progress)
         for step, fn in (extra_steps or {}).items():

@@ -5,6 +5,8 @@ user's own JAX code under `jax.jit`/`shard_map` without a `Model` object.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -14,7 +16,8 @@ from persona_jax.model.decoder import Decoder, init_params, make_ctx, param_shap
 
 
 def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,
-                  cache=None, capture: iv.Capture = None, logits: bool = True, remat: bool = False):
+                  cache=None, capture: iv.Capture = None, logits: Literal["all", "last", "none"] = "all",
+                  right_padded: bool = False, remat: bool = False):
     """Run the decoder once.
 
     Args:
@@ -27,8 +30,11 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
       interventions: dict of [L+1, ...] arrays (see `persona_jax.steering.interceptor`) or None.
       cache: {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]} (`models.decoder.empty_cache`) or None.
       capture: None, "hidden" (all states) or "readout" (weighted position sums).
-      logits: True (all positions), "last" (last position only) or False (capture
+      logits: "all" (every position), "last" (the last position only) or "none" (capture
         does not need the LM head).
+      right_padded: static; the caller guarantees every row's real tokens are a prefix
+        (padding only at the end), so a cache-free call may use a fused causal attention
+        kernel (`DecoderConfig.attention_impl`).
       remat: rematerialise each block's activations in the backward pass (fine-tuning
         memory: only the [L, B, T, D] block inputs are kept).
 
@@ -41,7 +47,7 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
     if interventions:
         variables["interventions"] = iv.split_layers(interventions)
     with iv.active(capture):
-        (lg, h_final, new_cache), state = Decoder(config, dtype, remat).apply(
+        (lg, h_final, new_cache), state = Decoder(config, dtype, remat, right_padded).apply(
             variables, tokens, ctx, cache, logits, mutable=["intermediates"])
     captured = None
     if capture is not None:

@@ -24,8 +24,7 @@ from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.generate import tokenize
-
-REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
+from persona_jax.io.vectors import REDUCTIONS  # noqa: F401 (the file names, in the readout order)
 
 
 def length_bucket(n: int) -> int:
@@ -53,7 +52,7 @@ def readout_weights(prompt_lens, total_lens, length: int):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def capture_arrays(config, params, tokens, prompt_lens, total_lens, interventions=None, positions_masks=None):
+def capture_arrays(config, params, tokens, prompt_lens, total_lens):
     """Jitted capture of one right-padded batch.
 
     tokens: [B, T] int32; prompt_lens, total_lens: [B] int32 (0 for padding rows).
@@ -61,11 +60,10 @@ def capture_arrays(config, params, tokens, prompt_lens, total_lens, intervention
     """
     t = tokens.shape[1]
     mask = (jnp.arange(t)[None, :] < total_lens[:, None]).astype(jnp.int32)
-    ctx = apply.make_ctx(mask, right_padded=True)  # the mask is a prefix by construction
+    ctx = apply.make_ctx(mask)
     ctx["readout"] = readout_weights(prompt_lens, total_lens, t)
-    ctx.update(positions_masks or {})
-    _, ro, _ = apply.decoder_apply(config, params, tokens, ctx, interventions=interventions,
-                                        capture="readout", logits=False)
+    _, ro, _ = apply.decoder_apply(config, params, tokens, ctx, capture="readout", logits="none",
+                                   right_padded=True)
     return jnp.transpose(ro, (1, 2, 0, 3))  # [L+1, 3, B, D] -> [3, B, L+1, D]
 
 
