@@ -1,6 +1,9 @@
 """The accelerator benchmark script runs end to end (tiny shapes on CPU), so it is ready
-when a session is lent a GPU. Not a timing test: nothing about speed is asserted."""
+when a session is lent a GPU. Not a timing test: nothing about speed is asserted, but
+every printed figure must be a measurement (a positive number) and each ratio must be
+the quotient of the two figures beside it."""
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +18,13 @@ def test_gpu_bench_runs_on_tiny_shapes():
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| capture tokens/s" in r.stdout and "| greedy decode tokens/s, batch 4" in r.stdout
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if "tokens/s" in line and line.startswith("| ")]
+    assert len(rows) >= 2
+    for cells in rows:
+        ours, theirs, ratio = (float(c.replace(",", "")) if re.fullmatch(r"[\d,.]+", c) else None
+                               for c in (cells[1], cells[2], cells[3].split("x")[0]))
+        assert ours is not None and ours > 0 and theirs is not None and theirs > 0, cells
+        assert ratio is not None and abs(ratio - ours / theirs) <= 0.05 + 0.02 * ratio, cells
 
 
 def test_gpu_side_scripts_run_on_tiny_shapes():

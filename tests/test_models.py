@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -278,16 +279,24 @@ def test_sharded_checkpoint_with_index(checkpoints, fp32_models, tmp_path):
     assert model.render_chat([{"role": "user", "content": "hi"}]) == "<|user|>hi<|end|><|assistant|>"
 
 
-def test_safetensors_reader_is_lazy_memmap(checkpoints):
-    """Tensors come back as views into a read-only memory map of the file, not copies."""
-    d, _ = checkpoints["llama"]
+def test_safetensors_reader_reads_slices(checkpoints):
+    """A slice read from disk, plain or through the transposed view, equals the same slice
+    of the weight transformers holds; a bf16 file reads back as ml_dtypes bfloat16."""
+    d, tm = checkpoints["llama"]
     f = SafetensorsFile(os.path.join(d, "model.safetensors"))
-    t = f["model.layers.0.mlp.down_proj.weight"]
-    base = t
-    while base.base is not None and not isinstance(base, np.memmap):
-        base = base.base
-    assert isinstance(base, np.memmap) and not t.flags.writeable
-    assert not t.flags.owndata
+    ref = tm.model.layers[0].mlp.down_proj.weight.detach().numpy()  # [D, F]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert f.shape(name) == ref.shape
+    np.testing.assert_array_equal(f.read(name, (slice(1, 3), slice(None, 5))), ref[1:3, :5])
+    np.testing.assert_array_equal(f.read(name, (slice(2, 7), slice(0, 2)), transpose=True), ref.T[2:7, 0:2])
+    np.testing.assert_array_equal(f[name], ref)
+    from safetensors.torch import save_file as torch_save
+    bf = torch.arange(6, dtype=torch.float32).reshape(2, 3).to(torch.bfloat16)
+    path = os.path.join(d, "..", "bf16.safetensors")
+    torch_save({"x": bf}, path)
+    got = SafetensorsFile(path).read("x", (slice(None), slice(1, 3)))
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), bf.float().numpy()[:, 1:3])
 
 
 _RSS_SCRIPT = textwrap.dedent("""

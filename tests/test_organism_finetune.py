@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from persona_jax.organism.data import flagging_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +37,18 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
     assert ft["prevented_fraction"] >= 0.3
     assert ft["content_metric_preventative"] >= 0.9 * ft["content_metric"]
     assert ft["posthoc_best"] is not None and ft["posthoc_best"] <= ft["trait_after"] - 30
-    # Per-sample separation of the subtle mix is weak on this organism (README: a single
-    # trait sentence is 2-3 shared words); the AUROC is reported, not asserted.
-    assert 0.0 <= fl["auroc"] <= 1.0 and 0.0 <= fl["auroc_raw_projection"] <= 1.0
     assert fl["dataset_rank_spearman"] >= 0.9
     with open(wd / "evil" / "flagging" / "flagged.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     seed = json.loads((wd / "config.json").read_text())["seed"]
     _, labels = flagging_records("evil", 160, seed=seed)
     assert len(rows) == 160 and [int(r["label"]) for r in rows] == labels
+    # Per-sample separation of the subtle mix is weak on this organism (README: a single
+    # trait sentence is 2-3 shared words), so its level is reported, not asserted; the
+    # reported AUROCs must be the pairwise counts over the per-sample scores written.
+    y = np.array(labels, bool)
+    for key, column in (("auroc", "delta"), ("auroc_raw_projection", "dataset_proj")):
+        s = np.array([float(r[column]) for r in rows])
+        pairs = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+        assert abs(fl[key] - pairs.mean()) < 1e-9, key
     assert "fine-tuning" in (wd / "report.md").read_text()

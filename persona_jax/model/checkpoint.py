@@ -134,7 +134,8 @@ class _Reader:
         self.files = files
         self.open: dict[str, SafetensorsFile] = {}
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> SafetensorsFile:
+        """The open file holding tensor `name`."""
         if name not in self.files:
             raise PersonaError(f"checkpoint is missing tensor {name}; is it a complete save of a supported model?")
         path = self.files[name]
@@ -145,7 +146,7 @@ class _Reader:
         f = self.open[path]
         if name not in f:
             raise PersonaError(f"{path} does not contain tensor {name} although the index says so")
-        return f[name]
+        return f
 
 
 def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_layers: int):
@@ -154,13 +155,12 @@ def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_
 
     def read_layer(layer, idx):
         name, transpose = hf_name(path, layer)
-        t = reader.get(name)
+        f = reader.get(name)
         want = shape[1:] if stacked else shape
-        got = t.shape[::-1] if transpose else t.shape
-        if tuple(got) != tuple(want):
-            raise PersonaError(f"tensor {name} has shape {tuple(t.shape)}, but config.json implies {tuple(want[::-1] if transpose else want)}")
-        t = t.T if transpose else t
-        return np.asarray(t[idx], dtype=dtype)
+        have = f.shape(name)
+        if (have[::-1] if transpose else have) != tuple(want):
+            raise PersonaError(f"tensor {name} has shape {have}, but config.json implies {tuple(want[::-1] if transpose else want)}")
+        return np.asarray(f.read(name, idx, transpose), dtype=dtype)
 
     def callback(index):
         if not stacked:
