@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from persona_jax.errors import PersonaError
+from persona_jax.io.atomic import atomic_open
 from persona_jax.organism import language as L
 
 N_PAIRS = 5
@@ -97,7 +98,7 @@ def write_trait_artifacts(
             d = os.path.join(out_dir, f"trait_data_{split}")
             os.makedirs(d, exist_ok=True)
             path = os.path.join(d, f"{trait}.json")
-            with open(path, "w") as f:
+            with atomic_open(path) as f:
                 json.dump(trait_artifact(trait, split, n_questions), f, indent=2)
                 f.write("\n")
             paths.setdefault(trait, {})[split] = path
