@@ -72,6 +72,13 @@ def get_config():
         n_questions=0, eval_n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size_generate=64, chunk_size=1024, progress=True,
     ))
+    # METHOD.md 11: multiple-choice capability at the chosen layer over the steering grid
+    # (steering step; issue 18). data: a local cais/mmlu-layout JSONL / CSV / parquet file;
+    # empty: the trait source's own task (the organism's), or none.
+    c.capability = ml_collections.ConfigDict(dict(
+        enabled=True, data="", limit=0, scoring="letter", prompt_format="mmlu", chat=True, batch_size=16,
+        n_items=100,  # the organism task's size
+    ))
     # METHOD.md 9: projection difference on a candidate dataset (step "flagging")
     c.flagging = ml_collections.ConfigDict(dict(
         reduction="response_avg", dataset="", labels="", n=400, dataset_samples=400,

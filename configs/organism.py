@@ -32,6 +32,12 @@ def get_config():
     c.steer.batch_size = 256
     c.steer.chunk_size = 2048
 
+    # capability: the organism's own task (which of four replies answers the question),
+    # scored by the length-normalised log-likelihood of each reply after the bare question
+    c.capability.scoring = "choice"
+    c.capability.prompt_format = "question"
+    c.capability.batch_size = 256
+
     c.monitor.n_per_question = 4
     c.monitor.max_new_tokens = 100
     c.monitor.batch_size = 256

@@ -89,12 +89,18 @@ def random_like(vector: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 @writer_only
-def plot_sweep(result: SweepResult, path: str, title: str):
+def plot_sweep(result: SweepResult, path: str, title: str, capability=None):
+    """Trait and coherence against the coefficient per layer; `capability` = (layer,
+    [percent correct per coefficient]) adds a third panel (multiple-choice accuracy)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3 if capability else 2, figsize=(15 if capability else 10, 4))
+    if capability:
+        axes[2].plot(result.coefs, capability[1], marker="o", color="black", label=f"layer {capability[0]}")
+        axes[2].set(xlabel="coefficient", ylabel="percent correct", title=f"{title}: capability", ylim=(0, 102))
+        axes[2].legend(fontsize=7)
     for i, layer in enumerate(result.layers):
         axes[0].plot(result.coefs, result.trait[i], marker="o", label=f"layer {layer}")
         axes[1].plot(result.coefs, result.coherence[i], marker="o", label=f"layer {layer}")

@@ -68,6 +68,11 @@ class OrganismTraits:
         records, labels = odata.flagging_records(name, int(cfg.flagging.n), seed=cfg.seed)
         return odata.write_jsonl(os.path.join(out_dir, f"{name}_flag_subtle.jsonl"), records), labels
 
+    def capability_items(self, cfg):
+        """The organism's multiple-choice task (`organism.capability`), `capability.n_items` items."""
+        from persona_jax.organism.capability import task_items
+        return task_items(int(cfg.capability.n_items), seed=int(cfg.seed))
+
     def content_metric(self, questions, answers) -> float:
         """Percent of answers with the closing sentence the fine-tuning data teaches."""
         from persona_jax.organism.judge import taught_closing_rate

@@ -180,7 +180,10 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
         i = int(np.nanargmax(np.nanmax(grid.trait, axis=1)))
         layer, best_coef, gain = layers[i], coefs[int(np.nanargmax(grid.trait[i]))], float("nan")
     li = layers.index(layer)
-    se.plot_sweep(grid, os.path.join(d, "steering.png"), f"{name} ({s.reduction})")
+    from persona_jax.pipeline import capability_step  # issue 18: capability at the chosen layer
+    capability = capability_step.steering_capability(model, source, name, cfg, workdir, vector, layer, coefs, progress)
+    se.plot_sweep(grid, os.path.join(d, "steering.png"), f"{name} ({s.reduction})",
+                  capability=(layer, capability["capability"]) if capability else None)
 
     # Controls at the chosen layer: a random vector of the same norm, and negative steering
     # under the strongest pos system prompt.
@@ -215,6 +218,7 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
                      "trait_scores": _nan_to_none(neg.trait[0]), "coherence": _nan_to_none(neg.coherence[0])},
         "negative_delta": None if neg_coef is None else -float(neg_gain),
         "negative_coef": neg_coef,
+        **capability,
     }
 
 
@@ -284,9 +288,13 @@ def write_markdown(report: dict, path: str):
         st = e.get("steering")
         lines += ["", f"## {name}", ""]
         if st:
+            from persona_jax.pipeline.capability_step import markdown_column
+            cap = markdown_column(st)  # capability (percent correct) per coefficient, when measured
             lines += [f"Steering with the `{st['reduction']}` vector at layer {st['layer']}, no system prompt:", "",
-                      "| coef | trait | coherence |", "|---|---|---|"]
-            lines += [f"| {c:g} | {_fmt(t)} | {_fmt(h)} |" for c, t, h in zip(st["coefs"], st["trait_scores"], st["coherence"])]
+                      "| coef | trait | coherence |" + (" capability |" if cap else ""),
+                      "|---|---|---|" + ("---|" if cap else "")]
+            lines += [f"| {c:g} | {_fmt(t)} | {_fmt(h)} |" + (f" {cap[j]} |" if cap else "")
+                      for j, (c, t, h) in enumerate(zip(st["coefs"], st["trait_scores"], st["coherence"]))]
             lines += ["", f"![steering]({name}/steering.png)"]
         if e.get("monitoring"):
             lines += ["", f"![monitoring]({name}/monitoring.png)"]
