@@ -66,6 +66,13 @@ class Model:
         return chat.render(self.require_tokenizer(), messages, add_generation_prompt, where=self.name)
 
     @property
+    def folds_system_prompt(self) -> bool:
+        """The chat template rejects a system role, so `render_chat` folds system prompts
+        into the first user turn (Gemma 2; see `persona_jax.io.chat`). Record it in reports."""
+        from persona_jax.io import chat
+        return self.tokenizer is not None and chat.folds_system_prompt(self.tokenizer)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
