@@ -18,6 +18,10 @@ FAMILY_CLASSES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 
 # One config per family plus one that exercises GQA + tied embeddings + bias + q/k norm +
@@ -31,6 +35,24 @@ FAMILY_KWARGS = {
     "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
     "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    # Gemma 2: sliding window of 8 on layers 0, 2, ...; soft-caps small enough to bite at
+    # these sizes; query_pre_attn_scalar != head_dim.
+    "gemma2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=8, attn_logit_softcapping=3.0, final_logit_softcapping=2.0),
+    # Gemma 3: local (window 8, rope base 10000) / global (linear-scaled rope) alternating.
+    "gemma3_text": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20,
+                        sliding_window=8, sliding_window_pattern=2,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 100000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+    # Phi-3: every layer windowed (8), longrope of a 128k-style checkpoint (original
+    # context 16: rows longer than 16 tokens switch to the long factors), partial rotary.
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, partial_rotary_factor=0.5,
+                 original_max_position_embeddings=16,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "short_factor": [1.0, 1.3, 1.7], "long_factor": [2.0, 3.5, 6.0],
+                                  "original_max_position_embeddings": 16, "partial_rotary_factor": 0.5}),
 }
 
 

@@ -52,7 +52,7 @@ from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
 from persona_jax.model.config import DecoderConfig
 from persona_jax.model.families import config_to_hf
-from persona_jax.model.checkpoint import hf_name
+from persona_jax.model.checkpoint import fuse_for_export, hf_name
 from persona_jax.model.safetensors_io import save_file
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -542,7 +542,7 @@ def export_hf(config: DecoderConfig, params, tokenizer, directory: str, dtype: s
         else:
             name, transpose = hf_name(path, None)
             tensors[name] = arr.T if transpose else arr
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
+    save_file(fuse_for_export(config, tensors), os.path.join(directory, "model.safetensors"))
     hf = config_to_hf(config)
     hf["torch_dtype"] = dtype
     with open(os.path.join(directory, "config.json"), "w") as f:

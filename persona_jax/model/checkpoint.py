@@ -66,6 +66,13 @@ class Model:
         return chat.render(self.require_tokenizer(), messages, add_generation_prompt, where=self.name)
 
     @property
+    def folds_system_prompt(self) -> bool:
+        """The chat template rejects a system role, so `render_chat` folds system prompts
+        into the first user turn (Gemma 2; see `persona_jax.io.chat`). Record it in reports."""
+        from persona_jax.io import chat
+        return self.tokenizer is not None and chat.folds_system_prompt(self.tokenizer)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -114,19 +121,68 @@ def _weight_files(d: str) -> dict[str, str]:
     return names
 
 
-def hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, bool]:
-    """Our param path -> (HF tensor name, transpose?)."""
+# Where a checkpoint keeps the decoder's tensors: causal-LM layout, then the language
+# model of a `Gemma3ForConditionalGeneration` as transformers 5 saves it and as the Hub's
+# original Gemma 3 checkpoints store it (their vision tower is never read).
+PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+def hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.") -> tuple[str, bool]:
+    """Our param path -> (HF tensor name, transpose?); `prefix` is one of `PREFIXES`."""
     names = [str(getattr(k, "key", k)) for k in path]
     if names == ["embed_tokens", "embedding"]:
-        return "model.embed_tokens.weight", False
+        return f"{prefix}embed_tokens.weight", False
     if names == ["lm_head", "kernel"]:
-        return "lm_head.weight", True
+        return ("language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"), True
     if names == ["norm", "weight"]:
-        return "model.norm.weight", False
+        return f"{prefix}norm.weight", False
     leaf = names[-1]
     stem = ".".join(names[1:-1])
     suffix = "bias" if leaf == "bias" else "weight"
-    return f"model.layers.{layer}.{stem}.{suffix}", leaf == "kernel"
+    return f"{prefix}layers.{layer}.{stem}.{suffix}", leaf == "kernel"
+
+
+def _fused_parts(config: DecoderConfig):
+    """{our projection: (fused HF projection, its row offset, rows)} for fused layouts (Phi-3)."""
+    c = config
+    parts = {}
+    if c.fused_qkv:
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        parts.update(q_proj=("qkv_proj", 0, q), k_proj=("qkv_proj", q, kv), v_proj=("qkv_proj", q + kv, kv))
+    if c.fused_gate_up:
+        f = c.intermediate_size
+        parts.update(gate_proj=("gate_up_proj", 0, f), up_proj=("gate_up_proj", f, f))
+    return parts
+
+
+def fused_source(config: DecoderConfig, name: str) -> tuple[str, slice | None]:
+    """HF tensor name of ours -> (the tensor to read, rows of it), for fused checkpoints:
+    `...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, its k rows)."""
+    parts = _fused_parts(config)
+    bits = name.split(".")
+    if len(bits) >= 2 and bits[-2] in parts:
+        fused, start, size = parts[bits[-2]]
+        return ".".join(bits[:-2] + [fused, bits[-1]]), slice(start, start + size)
+    return name, None
+
+
+def fuse_for_export(config: DecoderConfig, tensors: dict) -> dict:
+    """The inverse of `fused_source` for export: q/k/v (gate/up) rows concatenated back into
+    the family's fused tensors, in torch layout ([out, in])."""
+    parts = _fused_parts(config)
+    if not parts:
+        return tensors
+    out, groups = {}, {}
+    for name, t in tensors.items():
+        bits = name.split(".")
+        if len(bits) >= 2 and bits[-2] in parts:
+            fused, start, _ = parts[bits[-2]]
+            groups.setdefault(".".join(bits[:-2] + [fused, bits[-1]]), []).append((start, t))
+        else:
+            out[name] = t
+    for name, pieces in groups.items():
+        out[name] = np.concatenate([t for _, t in sorted(pieces, key=lambda x: x[0])], axis=0)
+    return out
 
 
 class _Reader:
@@ -149,15 +205,27 @@ class _Reader:
         return f
 
 
-def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_layers: int):
+def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_layers: int,
+               config: DecoderConfig | None = None, prefix: str = "model."):
     """Build one (sharded) param leaf, reading only the slices each device needs."""
     shape, dtype = tuple(shape_dtype.shape), shape_dtype.dtype
 
     def read_layer(layer, idx):
-        name, transpose = hf_name(path, layer)
+        name, transpose = hf_name(path, layer, prefix)
+        name, rows = fused_source(config, name) if config is not None else (name, None)
         f = reader.get(name)
-        want = shape[1:] if stacked else shape
         have = f.shape(name)
+        want = shape[1:] if stacked else shape
+        if rows is not None:  # one block of rows of a fused tensor (qkv_proj, gate_up_proj)
+            if have[0] < rows.stop:
+                raise PersonaError(f"tensor {name} has shape {have}, too few rows for the "
+                                   f"q/k/v or gate/up sizes config.json implies")
+            t = f.read(name, (rows, slice(None)))
+            t = t.T if transpose else t
+            if tuple(t.shape) != tuple(want):
+                raise PersonaError(f"tensor {name} rows {rows.start}:{rows.stop} have shape {t.shape[::-1] if transpose else t.shape}, "
+                                   f"but config.json implies {tuple(want[::-1] if transpose else want)}")
+            return np.asarray(t[idx], dtype=dtype)
         if (have[::-1] if transpose else have) != tuple(want):
             raise PersonaError(f"tensor {name} has shape {have}, but config.json implies {tuple(want[::-1] if transpose else want)}")
         return np.asarray(f.read(name, idx, transpose), dtype=dtype)
@@ -174,6 +242,7 @@ def _load_leaf(reader: _Reader, path, shape_dtype, sharding, stacked: bool, num_
 def load_params(directory: str, config: DecoderConfig, dtype=jnp.float32, mesh: Mesh | None = None):
     """Stream a checkpoint's weights into (sharded) device arrays."""
     reader = _Reader(_weight_files(directory))
+    prefix = next((p for p in PREFIXES if f"{p}embed_tokens.weight" in reader.files), "model.")
     shapes = decoder.param_shapes(config, dtype)
     if mesh is not None:
         shardings = sh.param_shardings(shapes, mesh)
@@ -182,7 +251,7 @@ def load_params(directory: str, config: DecoderConfig, dtype=jnp.float32, mesh: 
 
     def leaf(path, sd, shd):
         stacked = str(getattr(path[0], "key", path[0])) == "layers"
-        return _load_leaf(reader, path, sd, shd, stacked, config.num_layers)
+        return _load_leaf(reader, path, sd, shd, stacked, config.num_layers, config, prefix)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
 
@@ -200,7 +269,7 @@ def _load_tokenizer(d: str):
 
 def load_model(path_or_id: str, dtype: str = "float32", mesh: Mesh | None = None,
                scan_decode: bool = False) -> Model:
-    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
+    """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OLMo 2 / Phi-3 checkpoint.
 
     Args:
       path_or_id: a local directory with config.json, *.safetensors (optionally sharded

@@ -16,6 +16,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from persona_jax.model.config import DecoderConfig
 
@@ -27,17 +28,36 @@ _ACTS = {
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, weight applied after casting back (as transformers does)."""
+    """RMSNorm computed in float32, weight applied after casting back (as transformers does).
+
+    offset: scale by (offset + weight) (Gemma: 1, weights initialised at 0).
+    scale_f32: apply the weight to the float32 value, then cast back (Gemma, OLMo 2).
+    """
 
     eps: float
     dtype: jnp.dtype
+    offset: float = 0.0
+    scale_f32: bool = False
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        w = self.param("weight", init, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return w * xf.astype(x.dtype)
+        if self.scale_f32:
+            return (xf * (self.offset + w.astype(jnp.float32))).astype(x.dtype)
+        return (self.offset + w) * xf.astype(x.dtype) if self.offset else w * xf.astype(x.dtype)
+
+
+def norm(c: DecoderConfig, dtype, name=None) -> RMSNorm:
+    """The family's RMSNorm (offset and float32 scaling from the config)."""
+    return RMSNorm(c.rms_norm_eps, dtype, c.norm_offset, c.norm_scale_f32, name=name)
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); identity when cap is None."""
+    return x if not cap else jnp.tanh(x / cap) * cap
 
 
 def _dense(features, bias, dtype, name):
@@ -45,23 +65,46 @@ def _dense(features, bias, dtype, name):
                     kernel_init=nn.initializers.normal(0.02))
 
 
-def rope(x, positions, inv_freq):
-    """Rotary embedding, rotate-half convention.
+def rope(x, positions, inv_freq, attention_factor=1.0):
+    """Rotary embedding, rotate-half convention, on the first 2 * len(inv_freq) features
+    (the rest pass through: partial rotary).
 
-    x: [B, T, heads, head_dim]; positions: [B, T] int; inv_freq: [head_dim // 2] float32.
+    x: [B, T, heads, head_dim]; positions: [B, T] int; inv_freq: [rot // 2] or per row
+    [B, rot // 2] float32; attention_factor multiplies cos and sin (longrope).
     """
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    if inv_freq.ndim == 2:
+        inv_freq = inv_freq[:, None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
-    sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    cos = (jnp.cos(emb) * attention_factor).astype(x.dtype)[:, :, None, :]
+    sin = (jnp.sin(emb) * attention_factor).astype(x.dtype)[:, :, None, :]
+    rot = emb.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
+
+
+def layer_inv_freq(c: DecoderConfig, positions, window):
+    """The inverse frequencies one layer uses in one call: [rot // 2], or per row [B, rot // 2].
+
+    Sliding-window layers take the local rope when `rope_local_theta` is set (Gemma 3;
+    `window` is the layer's traced window); `longrope` picks each row's short or long
+    factors from its largest position in the call (see `DecoderConfig`).
+    """
+    inv = jnp.asarray(c.inv_freq())
+    if c.rope_type == "longrope":
+        long = positions.max(axis=1) + 1 > c.rope_original_max_position  # [B]
+        inv = jnp.where(long[:, None], jnp.asarray(c.inv_freq("long"))[None], inv[None])
+    if c.rope_local_theta is not None:
+        inv = jnp.where(window > 0, jnp.asarray(c.inv_freq("local")), inv)
+    return inv
 
 
 def fused_attention_impl(c: DecoderConfig, dtype):
     """`jax.nn.dot_product_attention`'s implementation for a fused call, or None (einsum path)."""
-    if c.attention_impl == "einsum" or any(c.layer_windows):
+    if c.attention_impl == "einsum" or any(c.layer_windows) or c.attn_logit_softcap:
         return None
     if c.attention_impl in ("xla", "cudnn"):
         return c.attention_impl
@@ -84,22 +127,23 @@ class Attention(nn.Module):
         q = _dense(c.num_heads * c.head_dim, c.qkv_bias, self.dtype, "q_proj")(x)
         k = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, "k_proj")(x)
         v = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, "v_proj")(x)
+        if c.qk_norm and c.qk_norm_full:  # OLMo 2: over all heads' features at once
+            q, k = norm(c, self.dtype, "q_norm")(q), norm(c, self.dtype, "k_norm")(k)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k)
-        inv_freq = jnp.asarray(c.inv_freq())
-        q = rope(q, ctx["positions"], inv_freq)
-        k = rope(k, ctx["positions"], inv_freq)
+        if c.qk_norm and not c.qk_norm_full:
+            q, k = norm(c, self.dtype, "q_norm")(q), norm(c, self.dtype, "k_norm")(k)
+        inv_freq = layer_inv_freq(c, ctx["positions"], window)
+        q = rope(q, ctx["positions"], inv_freq, c.rope_attention_factor)
+        k = rope(k, ctx["positions"], inv_freq, c.rope_attention_factor)
 
         impl = fused_attention_impl(c, q.dtype) if cache is None and self.right_padded else None
         if impl is not None:
             # Every row's real tokens are a prefix, so causal masking alone gives the real
             # positions exactly what the explicit mask would (padded positions attend to
             # earlier padding too; nothing reads them).
-            out = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5, is_causal=True,
+            out = jax.nn.dot_product_attention(q, k, v, scale=c.attn_scale, is_causal=True,
                                                implementation=impl)
             out = out.reshape(b, t, c.num_heads * c.head_dim)
             return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), None
@@ -129,8 +173,8 @@ class Attention(nn.Module):
 
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum(qk, qg, k_all.astype(q.dtype)) * (c.head_dim ** -0.5)
-        scores = scores.astype(jnp.float32)
+        scores = jnp.einsum(qk, qg, k_all.astype(q.dtype)) * c.attn_scale
+        scores = softcap(scores, c.attn_logit_softcap).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum(pv, probs, v_all.astype(q.dtype))
@@ -175,13 +219,23 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h, layer_in, ctx):
         c = self.config
+        where = c.norm_placement  # pre (Llama), sandwich (Gemma), post (OLMo 2)
+        x = h if where == "post" else norm(c, self.dtype, "input_layernorm")(h)
         a, new_cache = Attention(c, self.dtype, self.right_padded, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
-            ctx, layer_in["window"], layer_in.get("cache"))
-        h = h + a
-        h = h + MLP(c, self.dtype, name="mlp")(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h))
+            x, ctx, layer_in["window"], layer_in.get("cache"))
+        h = h + (a if where == "pre" else norm(c, self.dtype, "post_attention_layernorm")(a))
+        pre_mlp = "post_attention_layernorm" if where == "pre" else "pre_feedforward_layernorm"
+        x = h if where == "post" else norm(c, self.dtype, pre_mlp)(h)
+        m = MLP(c, self.dtype, name="mlp")(x)
+        h = h + (m if where == "pre" else norm(c, self.dtype, "post_feedforward_layernorm")(m))
         return h, new_cache
+
+
+def scale_embedding(c: DecoderConfig, h):
+    """Gemma's sqrt(hidden) factor, rounded to the model dtype first (as transformers does)."""
+    if c.embed_scale is None:
+        return h
+    return h * jnp.asarray(np.float32(c.embed_scale)).astype(h.dtype)
 
 
 class Embedding(nn.Module):
@@ -196,7 +250,7 @@ class Embedding(nn.Module):
 
     def __call__(self, tokens, ctx):
         del ctx  # read by interceptors (intervention position masks, readout weights)
-        return jnp.take(self.embedding, tokens, axis=0)
+        return scale_embedding(self.config, jnp.take(self.embedding, tokens, axis=0))
 
     def attend(self, h):
         return h @ self.embedding.T
@@ -236,7 +290,7 @@ class Decoder(nn.Module):
             length=c.num_layers,
         )(c, self.dtype, self.right_padded, name="layers")
         h, new_cache = blocks(h, layer_in, ctx)
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
+        h = norm(c, self.dtype, "norm")(h)
         h_final = h
         out = None
         if logits not in ("all", "last", "none"):
@@ -248,9 +302,8 @@ class Decoder(nn.Module):
                 out = embed.attend(h)
             else:
                 out = _dense(c.vocab_size, False, self.dtype, "lm_head")(h)
-            out = out.astype(jnp.float32)
+            out = softcap(out.astype(jnp.float32), c.final_logit_softcap)
         return out, h_final, new_cache
-
 
 
 def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_pos=None):

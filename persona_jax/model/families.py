@@ -6,6 +6,9 @@ paths to them.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from persona_jax.errors import PersonaError
 from persona_jax.model.config import DecoderConfig
 
@@ -99,7 +102,138 @@ def qwen3(cfg: dict) -> DecoderConfig:
     return _common(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, layer_windows=windows)
 
 
-FAMILIES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3}
+# --------------------------------------------------------------------------- Gemma, OLMo 2, Phi-3
+# HF config.json files on the Hub often omit fields that equal the config class's
+# defaults (the text_config of a `gemma3` checkpoint holds only a handful); these are
+# transformers' defaults for the fields the converters read.
+_GEMMA2_DEFAULTS = dict(
+    vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
+    pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, rope_theta=10000.0,
+    query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0)
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+    pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, rope_theta=1e6,
+    rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+    sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None)
+
+
+def _gemma_common(cfg: dict, n: int) -> dict:
+    if cfg.get("use_bidirectional_attention"):
+        raise PersonaError("bidirectional Gemma models (use_bidirectional_attention, e.g. EmbeddingGemma) "
+                           "are encoders, not chat decoders; they are not supported")
+    return dict(norm_offset=1.0, norm_scale_f32=True, norm_placement="sandwich",
+                embed_scale=float(cfg["hidden_size"]) ** 0.5,
+                query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
+                attn_logit_softcap=cfg.get("attn_logit_softcapping") or None,
+                final_logit_softcap=cfg.get("final_logit_softcapping") or None)
+
+
+def _layer_types(cfg: dict, n: int, pattern: int) -> list[str]:
+    """`layer_types`, or the alternation transformers derives from a sliding-window pattern."""
+    return cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
+def _act(cfg: dict) -> dict:
+    return {"hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"}
+
+
+def gemma2(cfg: dict) -> DecoderConfig:
+    cfg = {**_GEMMA2_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")}}
+    n = cfg["num_hidden_layers"]
+    types = _layer_types(cfg, n, 2)
+    windows = tuple(int(cfg["sliding_window"] or 0) if t == "sliding_attention" else 0 for t in types)
+    return _common({**cfg, **_act(cfg)}, layer_windows=windows, **_gemma_common(cfg, n),
+                   qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")))
+
+
+def _gemma3_rope(cfg: dict) -> dict:
+    """Global layers: `rope_parameters["full_attention"]` (transformers 5) or `rope_theta` +
+    `rope_scaling`; local layers: default rope with `rope_local_base_freq`."""
+    params = cfg.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    if not full:
+        full = {"rope_theta": cfg.get("rope_theta", 1e6), **(cfg.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", cfg.get("rope_theta", 1e6))
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default":
+        raise PersonaError(f"Gemma 3 sliding-window layers with rope type {local_type!r} are not supported")
+    rope = _rope({"rope_parameters": full, "max_position_embeddings": cfg.get("max_position_embeddings")})
+    rope["rope_local_theta"] = float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)))
+    return rope
+
+
+def gemma3_text(cfg: dict) -> DecoderConfig:
+    cfg = {**_GEMMA3_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")}}
+    n = cfg["num_hidden_layers"]
+    types = _layer_types(cfg, n, int(cfg.get("sliding_window_pattern") or 6))
+    windows = tuple(int(cfg["sliding_window"] or 0) if t == "sliding_attention" else 0 for t in types)
+    rope = _gemma3_rope(cfg)
+    body = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    body["model_type"] = "gemma3_text"
+    c = _common({**body, **_act(cfg)}, layer_windows=windows, qk_norm=True, **_gemma_common(cfg, n),
+                qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")))
+    return dataclasses.replace(c, **rope)
+
+
+def gemma3(cfg: dict) -> DecoderConfig:
+    """`Gemma3ForConditionalGeneration`: the language model of `text_config`; the vision
+    tower and projector are ignored (and their weights never read)."""
+    text = dict(cfg.get("text_config") or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key not in text and cfg.get(key) is not None:
+            text[key] = cfg[key]
+    text.setdefault("tie_word_embeddings", True)
+    return gemma3_text(text)
+
+
+def olmo2(cfg: dict) -> DecoderConfig:
+    bias = bool(cfg.get("attention_bias", False))
+    cfg = {"rms_norm_eps": 1e-5, **cfg}
+    return _common(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, qk_norm_full=True,
+                   norm_scale_f32=True, norm_placement="post")
+
+
+def phi3(cfg: dict) -> DecoderConfig:
+    cfg = {"rms_norm_eps": 1e-5, **cfg}
+    n = cfg["num_hidden_layers"]
+    params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type in ("su", "yarn"):  # transformers reads both as longrope for Phi-3
+        rope_type = "longrope"
+    extra = {}
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if partial != 1.0:
+        extra["rotary_dim"] = int(head_dim * partial)
+    if rope_type == "longrope":
+        orig = int(params.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
+        factor = params.get("factor") or cfg["max_position_embeddings"] / orig
+        attn = params.get("attention_factor")
+        if attn is None:
+            attn = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+        try:
+            extra.update(rope_short_factor=tuple(float(x) for x in params["short_factor"]),
+                         rope_long_factor=tuple(float(x) for x in params["long_factor"]))
+        except KeyError as e:
+            raise PersonaError(f"longrope needs rope_scaling.{e.args[0]}") from None
+        extra.update(rope_original_max_position=orig, rope_attention_factor=float(attn))
+        params = {k: v for k, v in params.items() if k not in ("rope_type", "type")}
+        cfg = {**cfg, "rope_parameters": {**params, "rope_type": "default"}, "rope_scaling": None}
+    c = _common(cfg, layer_windows=_windows(cfg, n, default_on=True), o_bias=False,
+                fused_qkv=True, fused_gate_up=True)
+    try:
+        return dataclasses.replace(c, rope_type=rope_type, **extra)
+    except ValueError as e:
+        raise PersonaError(f"config.json: {e}") from None
+
+
+FAMILIES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3,
+            "gemma2": gemma2, "gemma3_text": gemma3_text, "gemma3": gemma3, "olmo2": olmo2, "phi3": phi3}
 
 
 def config_from_hf(cfg: dict, where: str = "config.json") -> DecoderConfig:
@@ -125,7 +259,9 @@ def config_to_hf(c: DecoderConfig) -> dict:
                     high_freq_factor=c.rope_high_freq_factor,
                     original_max_position_embeddings=c.rope_original_max_position)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.model_type]
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "phi3": "Phi3ForCausalLM"}[c.model_type]
     eos = list(c.eos_token_ids)
     return {
         "architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
@@ -138,4 +274,31 @@ def config_to_hf(c: DecoderConfig) -> dict:
         "max_position_embeddings": c.max_position_embeddings,
         "bos_token_id": c.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": c.pad_token_id, "torch_dtype": "float32",
-    }
+    } | _family_fields(c, rope)
+
+
+def _family_fields(c: DecoderConfig, rope: dict) -> dict:
+    """config.json fields of the Gemma 2/3, OLMo 2 and Phi-3 switches (empty for the others)."""
+    windows = [w for w in c.layer_windows if w]
+    types = ["sliding_attention" if w else "full_attention" for w in c.layer_windows]
+    if c.model_type in ("gemma2", "gemma3_text"):
+        out = {"hidden_activation": c.hidden_act, "query_pre_attn_scalar": c.query_pre_attn_scalar,
+               "attn_logit_softcapping": c.attn_logit_softcap,
+               "final_logit_softcapping": c.final_logit_softcap,
+               "sliding_window": windows[0] if windows else None, "layer_types": types}
+        if c.model_type == "gemma3_text":
+            out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+                "rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}}
+        return out
+    if c.model_type == "phi3":
+        out = {"sliding_window": windows[0] if windows else None,
+               "partial_rotary_factor": c.rope_dim / c.head_dim}
+        if c.rope_type == "longrope":
+            out["original_max_position_embeddings"] = c.rope_original_max_position
+            out["rope_parameters"] = {**rope, "short_factor": list(c.rope_short_factor),
+                                      "long_factor": list(c.rope_long_factor),
+                                      "original_max_position_embeddings": c.rope_original_max_position,
+                                      "attention_factor": c.rope_attention_factor,
+                                      "partial_rotary_factor": c.rope_dim / c.head_dim}
+        return out
+    return {}

@@ -21,7 +21,7 @@ from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.steering import interceptor as iv
 from persona_jax.errors import PersonaError
-from persona_jax.model.decoder import Block, Embedding, RMSNorm, empty_cache
+from persona_jax.model.decoder import Block, Embedding, empty_cache, norm, softcap
 from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays
 
 
@@ -139,12 +139,12 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
             layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32), "cache": caches[l]}
             h, cache_l = Block(c, dtype).apply(variables(layers[l], rows[l + 1]), h, layer_in, ctx)
             new_caches.append(cache_l)
-    h = RMSNorm(c.rms_norm_eps, dtype).apply({"params": params["norm"]}, h[:, -1])
+    h = norm(c, dtype).apply({"params": params["norm"]}, h[:, -1])
     if c.tie_word_embeddings:
         logits = h @ params["embed_tokens"]["embedding"].T
     else:
         logits = h @ params["lm_head"]["kernel"]
-    return logits.astype(jnp.float32), new_caches
+    return softcap(logits.astype(jnp.float32), c.final_logit_softcap), new_caches
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len", "scan_decode"))
