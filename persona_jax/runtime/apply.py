@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from persona_jax.steering import interceptor as iv
+from persona_jax.model import sharding as sh
 from persona_jax.model.config import DecoderConfig
 from persona_jax.model.decoder import Decoder, init_params, make_ctx, param_shapes  # noqa: F401 (the apply API)
 
@@ -35,7 +37,21 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
     Returns (logits [B, T, V] float32 | None, captured, new_cache) where captured is
     None, hidden states [L+1, B, T, D] in the HF `output_hidden_states` convention (the
     last entry after the final norm), or readouts [L+1, R, B, D] float32.
+
+    Inputs typed with an Explicit mesh (`jax.make_mesh`'s default) are run with the mesh
+    axes in Auto mode (`sharding.auto_axes_call`); the outputs keep the batch sharding
+    of `tokens` and the cache that of `cache`.
     """
+    b = sh.batch_spec(tokens)
+    out_specs = lambda: (P(b) if logits else None, None if capture is None else P(None, b) if capture == "hidden" else P(None, None, b),
+                         None if cache is None else jax.tree.map(sh.spec_of, cache))
+    return sh.auto_axes_call(
+        lambda params, tokens, ctx, interventions, cache: _decoder_apply(
+            config, params, tokens, ctx, interventions, cache, capture, logits, remat),
+        (params, tokens, ctx, interventions, cache), out_specs)
+
+
+def _decoder_apply(config, params, tokens, ctx, interventions, cache, capture, logits, remat):
     dtype = params["embed_tokens"]["embedding"].dtype
     variables = {"params": params}
     if interventions:

@@ -15,8 +15,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from persona_jax.model import sharding as sh
 from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.steering import interceptor as iv
@@ -151,6 +153,19 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
 def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
                     cache_len: int, scan_decode: bool = False):
+    """Prefill + on-device decode loop (`_generate_arrays`, which documents the
+    arguments), jitted; under an Explicit mesh it runs with the axes in Auto mode and
+    returns arrays split over the batch axis of `tokens`."""
+    b = sh.batch_spec(tokens)
+    return sh.auto_axes_call(
+        lambda *a: _generate_arrays(config, *a, sp=sp, cache_len=cache_len, scan_decode=scan_decode),
+        (params, tokens, mask, row_keys, temperature, top_k, top_p, min_new, interventions, prefill_pos,
+         decode_pos), (P(b), P(b)))
+
+
+def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
+                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
+                     cache_len: int, scan_decode: bool = False):
     """Prefill + on-device decode loop.
 
     Args:
