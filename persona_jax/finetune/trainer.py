@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from persona_jax.runtime import batching
 from persona_jax.runtime import apply
@@ -200,7 +201,16 @@ def _loss_sum(spec: _Spec, trainable, frozen, mb, interventions):
 
 
 def _train_step(spec: _Spec, trainable, opt_state, frozen, batch, interventions):
-    """One optimizer step over batch arrays [A, B, T] (A micro-batches, scanned)."""
+    """One optimizer step over batch arrays [A, B, T] (A micro-batches, scanned); under
+    an Explicit mesh the step runs with the axes in Auto mode and the state keeps the
+    shardings it came with."""
+    return sh.auto_axes_call(
+        functools.partial(_train_step_body, spec), (trainable, opt_state, frozen, batch, interventions),
+        lambda: (jax.tree.map(sh.spec_of, trainable), jax.tree.map(sh.spec_of, opt_state),
+                 {"loss": P(), "tokens": P(), "grad_norm": P()}))
+
+
+def _train_step_body(spec: _Spec, trainable, opt_state, frozen, batch, interventions):
     grad_fn = jax.value_and_grad(lambda t, mb: _loss_sum(spec, t, frozen, mb, interventions), has_aux=True)
 
     def micro(carry, mb):
@@ -235,7 +245,7 @@ def _step_fn(spec: _Spec, mesh, train_sh, opt_sh, repl):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_step(spec: _Spec, trainable, frozen, batch):
-    return _loss_sum(spec, trainable, frozen, batch, None)
+    return sh.auto_axes_call(lambda t, f, b: _loss_sum(spec, t, f, b, None), (trainable, frozen, batch), (P(), P()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,8 +416,9 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
       eval_data: examples for eval_loss (every `eval_every` steps and at the end).
       steerings: `Steering`s active in every training forward (preventative steering:
         kind="add"; CAFT: kind="ablate"); not used for eval_loss.
-      mesh: a ("data", "model") mesh: batches split over "data", params placed with
-        `sharding.param_shardings`.
+      mesh: a mesh with axes "data" and "model" (Auto or Explicit axis types; None = the
+        mesh set with `jax.set_mesh`, if any): batches split over "data", params placed
+        with `sharding.param_shardings`.
       workdir: where checkpoints/ and metrics.jsonl go; a run whose workdir already has
         a checkpoint resumes from the latest one.
       callback: called as callback(step, metrics) after every step (for tests/runners).
@@ -416,6 +427,9 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     """
     tc = train_config
     tc.validate()
+    if mesh is None:
+        mesh = sh.context_mesh()
+    sh.check_mesh(mesh, "mesh passed to train")
     examples = _as_examples(train_data, config, "training")
     eval_examples = _as_examples(eval_data, config, "eval")
     effective = tc.batch_size * tc.grad_accum

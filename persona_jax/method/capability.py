@@ -238,9 +238,10 @@ def continuation_logprobs(config, params, tokens, prompt_lens, total_lens, inter
     t = tokens.shape[1]
     pos = jnp.arange(t)[None, :]
     mask = (pos < total_lens[:, None]).astype(jnp.int32)
-    ctx = apply.make_ctx(mask, right_padded=True)
+    ctx = apply.make_ctx(mask)
     ctx.update(positions_masks or {})
-    logits, _, _ = apply.decoder_apply(config, params, tokens, ctx, interventions=interventions)
+    logits, _, _ = apply.decoder_apply(config, params, tokens, ctx, interventions=interventions,
+                                       right_padded=True)
     logits = logits[:, :-1]  # position t-1 predicts token t
     tok = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     nxt = pos[:, 1:]

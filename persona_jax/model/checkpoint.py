@@ -275,9 +275,14 @@ def load_model(path_or_id: str, dtype: str = "float32", mesh: Mesh | None = None
       path_or_id: a local directory with config.json, *.safetensors (optionally sharded
         with an index) and tokenizer files; or a hub id already in the local HF cache.
       dtype: "float32" or "bfloat16" for params and compute.
-      mesh: a ("data", "model") mesh to shard params over; None = first device.
+      mesh: a mesh with axes "data" and "model" (Auto or Explicit axis types, e.g.
+        `jax.make_mesh((4, 2), ("data", "model"))` or `pj.make_mesh`) to shard params
+        over; None = the mesh set with `jax.set_mesh`, if any, else the first device.
       scan_decode: see `Model.scan_decode`.
     """
+    if mesh is None:
+        mesh = sh.context_mesh()
+    sh.check_mesh(mesh, "mesh passed to load_model")
     if dtype not in DTYPES:
         raise PersonaError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
     d = _resolve_dir(str(path_or_id))

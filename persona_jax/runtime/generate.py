@@ -15,8 +15,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from persona_jax.model import sharding as sh
 from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.steering import interceptor as iv
@@ -97,13 +99,14 @@ def _pick(logits, keys, step, temperature, top_k, top_p, min_new, sp: SamplingPa
 
 def per_layer(config, params, cache, interventions=None):
     """Per-layer buffers for `decode_step`: the scanned [L, ...] block params and cache and
-    the [L+1, ...] intervention arrays become lists of per-layer arrays. Made once per
+    the intervention arrays become lists of per-layer arrays (rows[0]: the embedding's
+    `interventions` collection, rows[l + 1]: block l's). Made once per
     `generate_arrays` call, outside the decode loop; the block weights are copied once,
     so generation holds the weights twice while it runs."""
     n = config.num_layers
     layers = [jax.tree.map(lambda x: x[l], params["layers"]) for l in range(n)]
     caches = [{"k": cache["k"][l], "v": cache["v"][l]} for l in range(n)]
-    rows = [{k: v[l] for k, v in (interventions or {}).items()} for l in range(n + 1)]
+    rows = [apply.embed_variables(interventions)] + [apply.layer_variables(interventions, l) for l in range(n)]
     return layers, caches, rows
 
 
@@ -121,8 +124,8 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
       layers: [L] per-layer block params; caches: [L] {k: [B, KV, hd, S], v: [B, KV, S, hd]} (from
         `per_layer`).
       tokens: [B, T] int32; ctx: `apply.make_ctx(...)` plus `add_pos`/`abl_pos`.
-      intervention_rows: [L+1] dicts of per-hidden-state intervention arrays
-        (`per_layer`), or None.
+      intervention_rows: [L+1] `interventions` collections of the embedding and each
+        block (`per_layer`), or None.
     Returns (logits [B, V] float32 of the last position, new caches [L]).
     """
     c = config
@@ -132,7 +135,8 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
     def variables(p, row):
         return {"params": p, "interventions": row} if row else {"params": p}
 
-    with iv.active(None):
+    _, calls = apply.split_sites(None, ctx)
+    with iv.active(apply.SITES, None, calls):
         h = Embedding(c, dtype).apply(variables(params["embed_tokens"], rows[0]), tokens, ctx)
         new_caches = []
         for l in range(c.num_layers):
@@ -151,6 +155,19 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
 def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
                     cache_len: int, scan_decode: bool = False):
+    """Prefill + on-device decode loop (`_generate_arrays`, which documents the
+    arguments), jitted; under an Explicit mesh it runs with the axes in Auto mode and
+    returns arrays split over the batch axis of `tokens`."""
+    b = sh.batch_spec(tokens)
+    return sh.auto_axes_call(
+        lambda *a: _generate_arrays(config, *a, sp=sp, cache_len=cache_len, scan_decode=scan_decode),
+        (params, tokens, mask, row_keys, temperature, top_k, top_p, min_new, interventions, prefill_pos,
+         decode_pos), (P(b), P(b)))
+
+
+def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
+                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
+                     cache_len: int, scan_decode: bool = False):
     """Prefill + on-device decode loop.
 
     Args:

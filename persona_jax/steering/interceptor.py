@@ -1,98 +1,99 @@
-"""Reading and writing the residual stream, as interceptors around the decoder blocks.
+"""Reading and writing module outputs, as `flax.linen.intercept_methods` interceptors.
 
+Generic over models: a site (see `persona_jax.steering.sites.Site`) says which module
+calls are intercepted and which array of their return value is acted on ([B, ..., D]).
 Everything an intervention needs is array data, so one compiled program serves every
 layer x coefficient choice:
 
-* `interventions` collection (scanned with the layers; row l of an [L+1, ...] array acts
-  on hidden state l, i.e. the embedding for l = 0 and block l-1's output otherwise):
-    add_vec  [L+1, K, D]   vectors to add
-    add_coef [L+1, K, B]   per-row coefficients (0 = off)
-    abl_dir  [L+1, J, D]   unit directions to project out
-    abl_coef [L+1, J, B]   per-row ablation strength (1 = full projection removal)
-* per-call position masks, broadcast to every layer through the blocks' `ctx`:
-    add_pos [K, B, T], abl_pos [J, B, T]  (1 where the term acts; see `position_mask`)
-* readout weights `readout` [R, B, T] in `ctx`: capture sows sum_t w[r, b, t] * h[b, t]
-  per layer instead of the whole [B, T, D] hidden state, so reductions happen on device.
+* row data, in the `interventions` collection at each intercepted module's scope under
+  the variable `"@" + site name` (a dict; scanned modules get one row per scan step):
+    add_vec  [K, D]   vectors to add
+    add_coef [K, B]   per-row coefficients (0 = off)
+    abl_dir  [J, D]   unit directions to project out
+    abl_coef [J, B]   per-row ablation strength (1 = full projection removal)
+* per-call data, closed over by the interceptor (the same for every instance):
+    add_pos [K, B, ...], abl_pos [J, B, ...]  position masks over the output's leading
+      dims (1 where the term acts; see `spec.position_masks`); absent = everywhere;
+    readout [R, B, ...]  capture sows sum_t w[r, b, t] * h[b, t] per instance instead of
+      the whole output, so reductions happen on device.
 
-At each wrapped call the interceptor ablates, then adds, then reads (so captured states
-are the steered ones, as a forward hook on the block output would see them).
+At each intercepted call the interceptor ablates, then adds, then reads (so captured
+values are the steered ones, as a forward hook on the module output would see them).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from persona_jax.model.decoder import Block, Embedding
-
-Capture = Literal[None, "hidden", "readout"]
-
-
-def _write(module, h, ctx):
-    if module.has_variable("interventions", "abl_dir"):
-        dirs = module.get_variable("interventions", "abl_dir")  # [J, D]
-        coef = module.get_variable("interventions", "abl_coef")  # [J, B]
-        pos = ctx["abl_pos"]  # [J, B, T]
-        for j in range(dirs.shape[0]):  # sequential, like stacked hooks
-            u = dirs[j].astype(h.dtype)
-            proj = jnp.einsum("btd,d->bt", h, u)
-            scale = (coef[j][:, None] * pos[j]).astype(h.dtype)
-            h = h - (scale * proj)[..., None] * u
-    if module.has_variable("interventions", "add_vec"):
-        vec = module.get_variable("interventions", "add_vec")  # [K, D]
-        coef = module.get_variable("interventions", "add_coef")  # [K, B]
-        scale = coef[:, :, None] * ctx["add_pos"]  # [K, B, T]
-        h = h + jnp.einsum("kbt,kd->btd", scale.astype(h.dtype), vec.astype(h.dtype))
-    return h
+Capture = Literal[None, "output", "readout"]
+ROW_KEYS = ("add_vec", "add_coef", "abl_dir", "abl_coef")
+CALL_KEYS = ("add_pos", "abl_pos", "readout")
 
 
-def _read(module, h, ctx, capture: Capture):
-    if capture == "hidden":
-        module.sow("intermediates", "hidden", h)
-    elif capture == "readout":
-        module.sow("intermediates", "readout", readout(h, ctx["readout"]))
+def variable_name(site_name: str) -> str:
+    """The variable holding a site's rows (and captures) at a module's scope."""
+    return "@" + site_name
 
 
 def readout(h, weights):
-    """Weighted position sums. h: [B, T, D]; weights: [R, B, T] -> [R, B, D] float32."""
-    return jnp.einsum("btd,rbt->rbd", h.astype(jnp.float32), weights.astype(jnp.float32))
+    """Weighted sums over the leading dims. h: [B, ..., D]; weights: [R, B, ...] -> [R, B, D] float32."""
+    return jnp.einsum("b...d,rb...->rbd", h.astype(jnp.float32), weights.astype(jnp.float32))
 
 
-def interceptor(capture: Capture = None):
-    """The interceptor for `nn.intercept_methods`; `capture` is static (part of the trace)."""
+def write(module: nn.Module, name: str, h, call: Mapping):
+    """Ablate then add the site's terms at this module, if it has any."""
+    var = variable_name(name)
+    if not module.has_variable("interventions", var):
+        return h
+    rows = module.get_variable("interventions", var)
+    if "abl_dir" in rows:
+        dirs, coef, pos = rows["abl_dir"], rows["abl_coef"], call.get("abl_pos")  # [J, D], [J, B], [J, B, ...]
+        for j in range(dirs.shape[0]):  # sequential, like stacked hooks
+            u = dirs[j].astype(h.dtype)
+            proj = jnp.einsum("b...d,d->b...", h, u)
+            scale = coef[j].reshape((-1,) + (1,) * (proj.ndim - 1)) * (1.0 if pos is None else pos[j])
+            h = h - (scale.astype(h.dtype) * proj)[..., None] * u
+    if "add_vec" in rows:
+        vec, coef, pos = rows["add_vec"], rows["add_coef"], call.get("add_pos")  # [K, D], [K, B], [K, B, ...]
+        lead = h.shape[:-1]
+        scale = coef.reshape(coef.shape + (1,) * (len(lead) - 1))
+        scale = scale * (1.0 if pos is None else pos)
+        scale = jnp.broadcast_to(scale, (coef.shape[0],) + lead)
+        h = h + jnp.einsum("k...,kd->...d", scale.astype(h.dtype), vec.astype(h.dtype))
+    return h
+
+
+def read(module: nn.Module, name: str, h, capture: Capture, call: Mapping):
+    if capture == "output":
+        module.sow("intermediates", variable_name(name), h)
+    elif capture == "readout":
+        module.sow("intermediates", variable_name(name), readout(h, call["readout"]))
+
+
+def interceptor(sites: Mapping[str, "Site"], capture: Mapping[str, Capture] | None = None,
+                calls: Mapping[str, Mapping] | None = None):
+    """The `nn.intercept_methods` interceptor for named sites: for each site whose
+    `select` matches the called module, write (ablate, add) then read (capture).
+    capture: {site: None | "output" | "readout"}; calls: {site: per-call arrays}."""
+    capture, calls = capture or {}, calls or {}
 
     def fn(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (Block, Embedding)):
-            return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)
-        if isinstance(module, Block):
-            h, extra = out
-            ctx = args[2]
-        else:
-            h, extra = out, None
-            ctx = args[1]
-        h = _write(module, h, ctx)
-        _read(module, h, ctx, capture)
-        return (h, extra) if isinstance(module, Block) else h
+        for name, site in sites.items():
+            if site.matches(context.module, context.method_name):
+                call = calls.get(name, {})
+                h = write(context.module, name, site.get(out), call)
+                read(context.module, name, h, capture.get(name), call)
+                out = site.put(out, h)
+        return out
 
     return fn
 
 
 @contextlib.contextmanager
-def active(capture: Capture = None):
-    with nn.intercept_methods(interceptor(capture)):
+def active(sites: Mapping[str, "Site"], capture=None, calls=None):
+    with nn.intercept_methods(interceptor(sites, capture, calls)):
         yield
-
-
-def split_layers(arrays: dict) -> dict:
-    """[L+1, ...] intervention arrays -> the collection layout: row 0 to the embedding,
-    rows 1..L scanned with the blocks."""
-    if not arrays:
-        return {}
-    return {
-        "embed_tokens": {k: v[0] for k, v in arrays.items()},
-        "layers": {k: v[1:] for k, v in arrays.items()},
-    }
