@@ -7,7 +7,6 @@ is the cosine between `response_avg` and v[l].
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ import numpy as np
 
 from persona_jax.runtime.capture import capture
 from persona_jax.io.csvio import read_csv, write_csv_atomic
-from persona_jax.io.atomic import atomic_open
+from persona_jax.io import jsonl
 from persona_jax.errors import PersonaError
 from persona_jax.io.vectors import PersonaVector, check_vector_shape
 
@@ -62,28 +61,11 @@ def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], ve
 
 
 def read_jsonl_conversations(path: str) -> list[dict]:
-    """Reference training JSONL: one {"messages": [...]} per line, the last an assistant turn."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise PersonaError(f"{path} line {n} is not valid JSON ({e})") from None
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise PersonaError(f"{path} line {n} has no \"messages\" list")
-            last = msgs[-1]
-            if not isinstance(last, dict) or last.get("role") != "assistant":
-                raise PersonaError(f"{path} line {n}: the last message must be the assistant's response")
-            if not str(last.get("content", "")).strip():
-                raise PersonaError(f"{path} line {n}: the assistant response is empty")
-            records.append(rec)
-    if not records:
-        raise PersonaError(f"{path} holds no conversations")
-    return records
+    """Reference training JSONL: one {"messages": [...]} per line, the last an assistant turn.
+
+    The records as written (extra keys kept), read by the project's one reader
+    (`persona_jax.io.jsonl`)."""
+    return [rec for _, rec, _ in jsonl.read_conversations(path)]
 
 
 def prompts_answers(model, path: str):
@@ -114,9 +96,7 @@ def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Seque
         for i, rec in enumerate(data):
             for name, vals in cols.items():
                 rec[name] = vals[i]
-        with atomic_open(out_path) as f:
-            for rec in data:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        jsonl.write_jsonl(out_path, data)
     return out_path
 
 
