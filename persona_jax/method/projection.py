@@ -37,14 +37,37 @@ def column_name(model_name: str, vector_stem: str, kind: str, layer: int) -> str
     return f"{os.path.basename(os.path.normpath(model_name))}_{vector_stem}_{kind}_layer{layer}"
 
 
+KINDS = ("proj", "prompt_last_proj", "cos_sim")
+
+
+def check_kinds(kinds) -> tuple[str, ...]:
+    """`kinds` ("all", one kind, or a sequence of them) -> the tuple of kinds, checked."""
+    if kinds is None or kinds == "all":
+        return KINDS
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise PersonaError(f"projection type {', '.join(bad) or '(none)'} is unknown; use one of: "
+                           f"{', '.join(KINDS)} or all")
+    return kinds
+
+
 def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], vectors: dict[str, np.ndarray],
-                       layers: Sequence[int], batch_size: int = 16, progress: bool = True) -> dict[str, list]:
-    """{column name: [N] values (None where the answer was empty)} for every vector and layer."""
+                       layers: Sequence[int], batch_size: int = 16, progress: bool = True,
+                       kinds="all", skip: Sequence[str] = ()) -> dict[str, list]:
+    """{column name: [N] values (None where the answer was empty)} for every vector, layer and
+    projection kind (`kinds`: "all" or some of proj / prompt_last_proj / cos_sim); columns
+    named in `skip` are not computed (nothing is captured when every column is skipped)."""
+    kinds = check_kinds(kinds)
     for stem, v in vectors.items():
         check_vector_shape(v, model.num_layers, model.hidden_size, stem)
     for l in layers:
         if not 0 <= l <= model.num_layers:
             raise PersonaError(f"layer {l} is outside 0..{model.num_layers} for this model")
+    wanted = [(stem, l, kind) for stem in vectors for l in layers for kind in kinds
+              if column_name(model.name, stem, kind, l) not in set(skip)]
+    if not wanted:
+        return {}
     caps = capture(model, list(prompts), list(answers), batch_size=batch_size, progress=progress)
     kept = caps["kept"]
     cols = {}
@@ -53,6 +76,8 @@ def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], ve
             for kind, acts, fn in (("proj", caps["response_avg"], project),
                                    ("prompt_last_proj", caps["prompt_last"], project),
                                    ("cos_sim", caps["response_avg"], cos_sim)):
+                if (stem, l, kind) not in wanted:
+                    continue
                 vals: list = [None] * len(prompts)
                 for i, x in zip(kept, fn(acts[:, l], v[l])):
                     vals[i] = float(x)
@@ -79,11 +104,23 @@ def prompts_answers(model, path: str):
 
 
 def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Sequence[int], out_path: str | None = None,
-                 batch_size: int = 16, progress: bool = True) -> str:
-    """Add projection columns to a CSV or JSONL file (in place unless out_path is given)."""
+                 batch_size: int = 16, progress: bool = True, kinds="all", overwrite: bool = True) -> str:
+    """Add projection columns to a CSV or JSONL file (in place unless out_path is given).
+
+    kinds: "all" or some of proj / prompt_last_proj / cos_sim. overwrite=False keeps a
+    column the file already has (in every JSONL record) and computes only the others."""
     data, prompts, answers, kind = prompts_answers(model, path)
-    cols = projection_columns(model, prompts, answers, vectors, layers, batch_size, progress)
+    existing: set = set()
+    if not overwrite:
+        if kind == "csv":
+            existing = set(data[0])
+        else:
+            existing = set.intersection(*(set(r) for r in data)) - {"messages"}
+    cols = projection_columns(model, prompts, answers, vectors, layers, batch_size, progress,
+                              kinds=kinds, skip=sorted(existing))
     out_path = out_path or path
+    if not cols and os.path.abspath(out_path) == os.path.abspath(path):
+        return out_path  # every column is there already: the file stays as it is
     if kind == "csv":
         fields, rows = data
         for name, vals in cols.items():
