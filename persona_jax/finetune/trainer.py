@@ -49,7 +49,7 @@ from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
-from persona_jax.io.distributed import is_writer
+from persona_jax.io import distributed
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
 from persona_jax.model.config import DecoderConfig
@@ -363,7 +363,7 @@ class _MetricsFile:
 
     def __init__(self, workdir: str | None, resume_step: int):
         self.f = None
-        if workdir is None or not is_writer():
+        if workdir is None or not distributed.is_writer():
             return
         path = os.path.join(workdir, "metrics.jsonl")
         kept = []
