@@ -33,6 +33,7 @@ def main(argv):
     from persona_jax.errors import PersonaError
     from persona_jax.model import load_model
     from persona_jax.method.projection import read_jsonl_conversations
+    from persona_jax.io.reports import write_json, write_text
     from persona_jax.io.vectors import load_any
     from persona_jax.method import stats
 
@@ -55,11 +56,11 @@ def main(argv):
     if labels is not None:
         report["auroc"] = stats.auroc(res.delta, labels)
         report["auroc_raw_projection"] = stats.auroc(res.dataset_proj, labels)
+    # every file is written by process 0 only (the others wait at each writer's barrier)
     fl.write_flagged_csv(os.path.join(_WORKDIR.value, "flagged.csv"), res, labels)
-    with open(os.path.join(_WORKDIR.value, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
-        f.write("# Data flagging\n\n" + "\n".join(f"- {k}: {v}" for k, v in report.items()) + "\n")
+    write_json(os.path.join(_WORKDIR.value, "report.json"), report)
+    write_text(os.path.join(_WORKDIR.value, "report.md"),
+               "# Data flagging\n\n" + "\n".join(f"- {k}: {v}" for k, v in report.items()) + "\n")
     print(json.dumps(report))
 
 

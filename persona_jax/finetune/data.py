@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from persona_jax.runtime import batching
 from persona_jax.io import chat
+from persona_jax.io import jsonl
+from persona_jax.io.jsonl import validate_messages  # noqa: F401 (re-exported)
 from persona_jax.errors import PersonaError
 
 OVERFLOW = ("truncate", "drop", "error")
@@ -62,40 +62,10 @@ def read_conversations(path: str) -> list[tuple[int, list[dict]]]:
 
     Returns [(line_number, messages)]; blank lines are skipped. A line that is not a
     JSON object with a non-empty `messages` list of {role, content} dicts whose last
-    turn is a non-empty assistant reply raises PersonaError naming file and line.
+    turn is a non-empty assistant reply raises PersonaError naming file and line
+    (the project's one reader, `persona_jax.io.jsonl`).
     """
-    if not os.path.exists(path):
-        raise PersonaError(f"training data file {path} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise PersonaError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            out.append((n, validate_messages(obj, where)))
-    if not out:
-        raise PersonaError(f"{path} holds no conversations; expected one {{\"messages\": [...]}} object per line")
-    return out
-
-
-def validate_messages(obj, where: str) -> list[dict]:
-    if not isinstance(obj, dict) or "messages" not in obj:
-        raise PersonaError(f"{where} has no \"messages\" key; expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise PersonaError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise PersonaError(f"{where}: message {i} must be an object with string \"role\" and \"content\"")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise PersonaError(f"{where}: assistant message {i} has empty content; remove the line or fill in the reply")
-    if msgs[-1]["role"] != "assistant":
-        raise PersonaError(f"{where}: the last message has role {msgs[-1]['role']!r}; the last turn must be the assistant reply to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return [(n, msgs) for n, _, msgs in jsonl.read_conversations(path)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ jitted step (`lax.scan`), so grad_accum changes memory, not the result.
 
 Optimizer: optax AdamW, learning rate with linear warmup then linear decay to 0 at
 `num_steps` (the HF "linear" schedule: lr(s) = lr * s / warmup for s < warmup, then
-lr * (N - s) / (N - warmup)), global-norm clipping, weight decay on kernels/embeddings
+lr * (N - s) / (N - warmup); `schedule` also offers HF's "cosine", "constant" and
+"constant_with_warmup"), global-norm clipping, weight decay on kernels/embeddings
 (and LoRA A/B) only.
 
 Precision: master weights (and optimizer state) are float32. compute_dtype="bfloat16"
@@ -49,6 +50,7 @@ from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
+from persona_jax.io import distributed
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
 from persona_jax.model.config import DecoderConfig
@@ -66,6 +68,9 @@ class TrainConfig:
     batch_size: rows per micro-batch; grad_accum micro-batches make one optimizer step
       (effective batch = batch_size * grad_accum, the reference's 2 x 8 = 16).
     num_steps: optimizer steps; None = `epochs` passes over the data.
+    schedule: learning-rate schedule after warmup, as Hugging Face's `get_scheduler`:
+      "linear" (decay to 0), "cosine" (half cosine to 0), "constant" (no warmup),
+      "constant_with_warmup".
     compute_dtype: "float32" or "bfloat16" (bf16 forward/backward, float32 masters).
     remat: rematerialise block activations in the backward pass (`nn.remat` around the
       decoder's scanned Block): only block inputs are kept, the rest is recomputed.
@@ -81,6 +86,7 @@ class TrainConfig:
     grad_accum: int = 8
     num_steps: int | None = None
     epochs: int = 1
+    schedule: str = "linear"
     weight_decay: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -106,6 +112,8 @@ class TrainConfig:
             raise PersonaError(f"num_steps must be >= 1; got {self.num_steps}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise PersonaError("learning_rate must be > 0 and warmup_steps >= 0")
+        if self.schedule not in SCHEDULES:
+            raise PersonaError(f"learning-rate schedule {self.schedule!r} is not supported; use one of: {', '.join(SCHEDULES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +133,7 @@ class _Spec:
     max_grad_norm: float | None
     compute_dtype: str
     remat: bool
+    schedule: str = "linear"
 
 
 @dataclasses.dataclass
@@ -150,15 +159,30 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------
 # Optimizer and loss (pure, jitted).
 
-def lr_schedule(learning_rate: float, warmup_steps: int, num_steps: int, xp=jnp):
-    """Linear warmup from 0 then linear decay to 0 at num_steps (HF `linear`): the
-    learning rate of update `count` (0-based). xp=np gives the host-side value."""
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def lr_schedule(learning_rate: float, warmup_steps: int, num_steps: int, xp=jnp, kind: str = "linear"):
+    """The learning rate of update `count` (0-based), as Hugging Face's `get_scheduler(kind)`:
+    linear warmup from 0 over `warmup_steps` (none for "constant"), then "linear" decay to 0
+    at num_steps, "cosine" decay 0.5 * (1 + cos(pi * progress)), or a constant rate.
+    xp=np gives the host-side value."""
 
     def fn(count):
         s = xp.asarray(count, xp.float32)
         warm = s / max(1, warmup_steps)
-        decay = xp.maximum(0.0, (num_steps - s) / max(1, num_steps - warmup_steps))
-        return learning_rate * xp.where(s < warmup_steps, warm, decay)
+        progress = (s - warmup_steps) / max(1, num_steps - warmup_steps)
+        if kind == "linear":
+            after = xp.maximum(0.0, 1.0 - progress)
+        elif kind == "cosine":
+            after = xp.maximum(0.0, 0.5 * (1.0 + xp.cos(np.pi * progress)))
+        elif kind in ("constant", "constant_with_warmup"):
+            after = xp.ones_like(s)
+        else:
+            raise PersonaError(f"learning-rate schedule {kind!r} is not supported; use one of: {', '.join(SCHEDULES)}")
+        if kind == "constant":
+            return learning_rate * after
+        return learning_rate * xp.where(s < warmup_steps, warm, after)
 
     return fn
 
@@ -174,7 +198,7 @@ def _optimizer(spec: _Spec):
     parts = []
     if spec.max_grad_norm:
         parts.append(optax.clip_by_global_norm(spec.max_grad_norm))
-    parts.append(optax.adamw(lr_schedule(spec.learning_rate, spec.warmup_steps, spec.num_steps),
+    parts.append(optax.adamw(lr_schedule(spec.learning_rate, spec.warmup_steps, spec.num_steps, kind=spec.schedule),
                              b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay,
                              mask=_decay_mask))
     return optax.chain(*parts)
@@ -344,11 +368,12 @@ class _Checkpoints:
 
 
 class _MetricsFile:
-    """metrics.jsonl in workdir; on resume, lines past the restored step are dropped."""
+    """metrics.jsonl in workdir (process 0 only); on resume, lines past the restored step
+    are dropped."""
 
     def __init__(self, workdir: str | None, resume_step: int):
         self.f = None
-        if workdir is None:
+        if workdir is None or not distributed.is_writer():
             return
         path = os.path.join(workdir, "metrics.jsonl")
         kept = []
@@ -436,7 +461,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     steps_per_epoch = -(-len(examples) // effective)
     num_steps = tc.num_steps or tc.epochs * steps_per_epoch
     spec = _Spec(config, lora, tc.learning_rate, min(tc.warmup_steps, num_steps), num_steps, tc.weight_decay,
-                 tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat)
+                 tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat, tc.schedule)
 
     rng = jax.random.PRNGKey(tc.seed)
     if params is None:
@@ -477,7 +502,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     meta = json.loads(json.dumps({
         "seed": tc.seed, "data": fdata.fingerprint(examples), "num_steps": num_steps, "effective_batch": effective,
         "optimizer": [spec.learning_rate, spec.warmup_steps, spec.weight_decay, spec.b1, spec.b2, spec.eps,
-                      spec.max_grad_norm, spec.compute_dtype],
+                      spec.max_grad_norm, spec.compute_dtype] + ([spec.schedule] if spec.schedule != "linear" else []),
         "lora": dataclasses.asdict(lora) if lora else None,
         "steerings": [_steering_record(st) for st in steerings] if steerings else None}))
     ckpt = _Checkpoints(workdir, tc) if workdir is not None else None
@@ -496,7 +521,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     history: list[dict] = []
     from tqdm.auto import tqdm
 
-    lr_at = lr_schedule(spec.learning_rate, spec.warmup_steps, num_steps, xp=np)
+    lr_at = lr_schedule(spec.learning_rate, spec.warmup_steps, num_steps, xp=np, kind=spec.schedule)
     bar = tqdm(total=num_steps, initial=start, disable=not tc.progress, desc="train", dynamic_ncols=True)
     try:
         for step in range(start, num_steps):

@@ -4,12 +4,25 @@ The reference writes one row per response with pandas `to_csv(index=False)`:
 `question, prompt, answer, question_id, <trait>, coherence`; a score cell is empty when
 the score is None. We use the stdlib `csv` module with the same dialect (comma, minimal
 quoting, "\n" line ends) so files round-trip between the two implementations.
+
+Any text a tokenizer can decode survives the round trip, through our reader and through
+pandas `read_csv`:
+* a field holding a carriage return is quoted (the stdlib writer, like pandas' `to_csv`,
+  quotes only the characters of its line terminator, so a lone "\r" would end the row);
+* NUL is the one character pandas' C parser does not keep (before pandas 3.1 a field that
+  starts with NUL reads as NaN and a string field is cut at it), so cells are escaped
+  losslessly: NUL -> "\u2400" + "0" and a literal "\u2400" (SYMBOL FOR NULL) -> "\u2400"
+  twice. Our reader undoes it; after `pandas.read_csv` apply `unescape_cell` to the text
+  columns. A cell without NUL or U+2400 is written unchanged, so files without them are
+  byte-identical to pandas' own.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -23,6 +36,25 @@ RESPONSE_COLUMNS = ("question", "prompt", "answer", "question_id")
 # Answers can be long (up to 1000 generated tokens plus a long prompt); the stdlib
 # default of 128 KiB per field is too small for some.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+# Lossless escaping of NUL (see the module docstring).
+ESCAPE = "\u2400"  # SYMBOL FOR NULL
+_UNESCAPE = re.compile(ESCAPE + "([" + ESCAPE + "0])")
+
+
+def escape_cell(text: str) -> str:
+    """NUL -> U+2400 "0", U+2400 -> U+2400 U+2400; other text unchanged."""
+    if "\0" not in text and ESCAPE not in text:
+        return text
+    return text.replace(ESCAPE, ESCAPE * 2).replace("\0", ESCAPE + "0")
+
+
+def unescape_cell(text):
+    """Inverse of `escape_cell` (non-strings, e.g. pandas' NaN, pass through)."""
+    if not isinstance(text, str) or ESCAPE not in text:
+        return text
+    return _UNESCAPE.sub(lambda m: "\0" if m.group(1) == "0" else ESCAPE, text)
 
 
 def response_columns(trait: str) -> list[str]:
@@ -54,7 +86,7 @@ def read_csv(
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fieldnames = list(reader.fieldnames or [])
-        rows = [dict(r) for r in reader]
+        rows = [{k: unescape_cell(v) for k, v in r.items()} for r in reader]
     if not fieldnames:
         raise PersonaError(f"CSV file {path} is empty (no header row); regenerate it.")
     check_columns(fieldnames, required, f"CSV file {path}")
@@ -73,14 +105,25 @@ def write_csv_atomic(
     """Write rows to `path` via a temporary file in the same folder and `os.replace`.
 
     A crash or kill leaves either the old file or the new one, never a half-written one.
-    Cells that are None are written empty; floats with `repr` (exact round trip).
+    Cells that are None are written empty; floats with `repr` (exact round trip); text
+    escaped by `escape_cell`, and quoted when it holds a carriage return.
     """
+    fieldnames = list(fieldnames)
+    # The writer quotes the characters of its line terminator: with "\r\n" both CR and
+    # LF are quoted; each row's terminator is then written as the reference's "\n".
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+
+    def line(cells) -> str:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow(cells)
+        return buf.getvalue()[:-2] + "\n"
+
     with atomic_open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n",
-                                extrasaction="ignore")
-        writer.writeheader()
+        f.write(line(fieldnames))
         for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in fieldnames})
+            f.write(line([_cell(row.get(k)) for k in fieldnames]))
 
 
 def _cell(value: object) -> object:
@@ -88,6 +131,8 @@ def _cell(value: object) -> object:
         return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
+    if isinstance(value, str):
+        return escape_cell(value)
     return value
 
 

@@ -43,10 +43,12 @@ def csv_paths(workdir: str, trait: str) -> tuple[str, str]:
 
 
 def contrastive_specs(model, trait: Trait, n_per_question: int, antonym: str = "helpful",
-                      questions: Optional[Sequence[str]] = None) -> dict[str, list[Spec]]:
-    """Specs for both sides, aligned row by row (question, pair, rollout)."""
+                      questions: Optional[Sequence[str]] = None,
+                      assistant_names: Optional[dict] = None) -> dict[str, list[Spec]]:
+    """Specs for both sides, aligned row by row (question, pair, rollout); assistant_names:
+    this trait's {"pos": name, "neg": name} (see `traits.contrastive_prompts`)."""
     out = {"pos": [], "neg": []}
-    for row in contrastive_prompts(trait, antonym, questions):
+    for row in contrastive_prompts(trait, antonym, questions, assistant_names):
         prompt = model.render_chat([{"role": "system", "content": row.system},
                                     {"role": "user", "content": row.question}])
         for r in range(n_per_question):
@@ -55,11 +57,12 @@ def contrastive_specs(model, trait: Trait, n_per_question: int, antonym: str = "
 
 
 def generate_contrastive(model, trait: Trait, workdir: str, sampling: Sampling, n_per_question: int,
-                         antonym: str = "helpful", questions=None, progress=True) -> tuple[str, str]:
+                         antonym: str = "helpful", questions=None, progress=True,
+                         assistant_names: Optional[dict] = None) -> tuple[str, str]:
     """Write both response CSVs (resumable). Greedy when n_per_question == 1 (METHOD.md 2)."""
     if n_per_question == 1:
         sampling = dataclasses.replace(sampling, temperature=0.0)
-    specs = contrastive_specs(model, trait, n_per_question, antonym, questions)
+    specs = contrastive_specs(model, trait, n_per_question, antonym, questions, assistant_names)
     pos_csv, neg_csv = csv_paths(workdir, trait.name)
     generate_to_csv(model, specs["pos"], pos_csv, trait.name, sampling, progress=progress)
     generate_to_csv(model, specs["neg"], neg_csv, trait.name, sampling, progress=progress)

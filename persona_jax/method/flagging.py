@@ -8,15 +8,14 @@ predicts how much fine-tuning on it will grow the trait; per sample, delta ranks
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 from typing import Optional, Sequence
 
 import numpy as np
 
 from persona_jax.runtime.capture import capture
-from persona_jax.io.atomic import atomic_open
+from persona_jax.io.csvio import write_csv_atomic
+from persona_jax.io.jsonl import write_jsonl
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.generate import generate
 from persona_jax.method.projection import project, read_jsonl_conversations
@@ -62,13 +61,15 @@ def write_flagged_csv(path: str, result: FlagResult, labels: Optional[Sequence[i
     n = len(result.delta)
     if labels is not None and len(labels) != n:
         raise PersonaError(f"{len(labels)} labels for {n} flagged samples")
-    with atomic_open(path, newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "delta", "dataset_proj", "base_proj"] + (["label"] if labels is not None else [])
-                   + ["base_response"])
-        for i in range(n):
-            row = [i, result.delta[i], result.dataset_proj[i], result.base_proj[i]]
-            w.writerow(row + ([int(labels[i])] if labels is not None else []) + [result.base_responses[i]])
+    cols = ["index", "delta", "dataset_proj", "base_proj"] + (["label"] if labels is not None else []) + ["base_response"]
+    rows = []
+    for i in range(n):
+        row = {"index": i, "delta": float(result.delta[i]), "dataset_proj": float(result.dataset_proj[i]),
+               "base_proj": float(result.base_proj[i]), "base_response": result.base_responses[i]}
+        if labels is not None:
+            row["label"] = int(labels[i])
+        rows.append(row)
+    write_csv_atomic(path, cols, rows)  # process 0; text escaped as every response CSV
     return path
 
 
@@ -90,9 +91,6 @@ def filter_jsonl(path: str, out_path: str, result: FlagResult, threshold: Option
         drop[np.argsort(-d, kind="stable")[:k]] = True
     else:
         raise PersonaError("filter_jsonl needs a threshold or a drop_fraction")
-    with atomic_open(out_path) as f:
-        for rec, dr in zip(records, drop):
-            if not dr:
-                f.write(json.dumps({"messages": rec["messages"]}, ensure_ascii=False) + "\n")
+    write_jsonl(out_path, [{"messages": rec["messages"]} for rec, dr in zip(records, drop) if not dr])
     return {"n": len(records), "dropped": int(drop.sum()), "kept": int((~drop).sum()),
             "dropped_indices": np.flatnonzero(drop).tolist()}

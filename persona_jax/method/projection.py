@@ -7,7 +7,6 @@ is the cosine between `response_avg` and v[l].
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ import numpy as np
 
 from persona_jax.runtime.capture import capture
 from persona_jax.io.csvio import read_csv, write_csv_atomic
-from persona_jax.io.atomic import atomic_open
+from persona_jax.io import jsonl
 from persona_jax.errors import PersonaError
 from persona_jax.io.vectors import PersonaVector, check_vector_shape
 
@@ -38,14 +37,37 @@ def column_name(model_name: str, vector_stem: str, kind: str, layer: int) -> str
     return f"{os.path.basename(os.path.normpath(model_name))}_{vector_stem}_{kind}_layer{layer}"
 
 
+KINDS = ("proj", "prompt_last_proj", "cos_sim")
+
+
+def check_kinds(kinds) -> tuple[str, ...]:
+    """`kinds` ("all", one kind, or a sequence of them) -> the tuple of kinds, checked."""
+    if kinds is None or kinds == "all":
+        return KINDS
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise PersonaError(f"projection type {', '.join(bad) or '(none)'} is unknown; use one of: "
+                           f"{', '.join(KINDS)} or all")
+    return kinds
+
+
 def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], vectors: dict[str, np.ndarray],
-                       layers: Sequence[int], batch_size: int = 16, progress: bool = True) -> dict[str, list]:
-    """{column name: [N] values (None where the answer was empty)} for every vector and layer."""
+                       layers: Sequence[int], batch_size: int = 16, progress: bool = True,
+                       kinds="all", skip: Sequence[str] = ()) -> dict[str, list]:
+    """{column name: [N] values (None where the answer was empty)} for every vector, layer and
+    projection kind (`kinds`: "all" or some of proj / prompt_last_proj / cos_sim); columns
+    named in `skip` are not computed (nothing is captured when every column is skipped)."""
+    kinds = check_kinds(kinds)
     for stem, v in vectors.items():
         check_vector_shape(v, model.num_layers, model.hidden_size, stem)
     for l in layers:
         if not 0 <= l <= model.num_layers:
             raise PersonaError(f"layer {l} is outside 0..{model.num_layers} for this model")
+    wanted = [(stem, l, kind) for stem in vectors for l in layers for kind in kinds
+              if column_name(model.name, stem, kind, l) not in set(skip)]
+    if not wanted:
+        return {}
     caps = capture(model, list(prompts), list(answers), batch_size=batch_size, progress=progress)
     kept = caps["kept"]
     cols = {}
@@ -54,6 +76,8 @@ def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], ve
             for kind, acts, fn in (("proj", caps["response_avg"], project),
                                    ("prompt_last_proj", caps["prompt_last"], project),
                                    ("cos_sim", caps["response_avg"], cos_sim)):
+                if (stem, l, kind) not in wanted:
+                    continue
                 vals: list = [None] * len(prompts)
                 for i, x in zip(kept, fn(acts[:, l], v[l])):
                     vals[i] = float(x)
@@ -62,28 +86,11 @@ def projection_columns(model, prompts: Sequence[str], answers: Sequence[str], ve
 
 
 def read_jsonl_conversations(path: str) -> list[dict]:
-    """Reference training JSONL: one {"messages": [...]} per line, the last an assistant turn."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise PersonaError(f"{path} line {n} is not valid JSON ({e})") from None
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise PersonaError(f"{path} line {n} has no \"messages\" list")
-            last = msgs[-1]
-            if not isinstance(last, dict) or last.get("role") != "assistant":
-                raise PersonaError(f"{path} line {n}: the last message must be the assistant's response")
-            if not str(last.get("content", "")).strip():
-                raise PersonaError(f"{path} line {n}: the assistant response is empty")
-            records.append(rec)
-    if not records:
-        raise PersonaError(f"{path} holds no conversations")
-    return records
+    """Reference training JSONL: one {"messages": [...]} per line, the last an assistant turn.
+
+    The records as written (extra keys kept), read by the project's one reader
+    (`persona_jax.io.jsonl`)."""
+    return [rec for _, rec, _ in jsonl.read_conversations(path)]
 
 
 def prompts_answers(model, path: str):
@@ -97,11 +104,23 @@ def prompts_answers(model, path: str):
 
 
 def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Sequence[int], out_path: str | None = None,
-                 batch_size: int = 16, progress: bool = True) -> str:
-    """Add projection columns to a CSV or JSONL file (in place unless out_path is given)."""
+                 batch_size: int = 16, progress: bool = True, kinds="all", overwrite: bool = True) -> str:
+    """Add projection columns to a CSV or JSONL file (in place unless out_path is given).
+
+    kinds: "all" or some of proj / prompt_last_proj / cos_sim. overwrite=False keeps a
+    column the file already has (in every JSONL record) and computes only the others."""
     data, prompts, answers, kind = prompts_answers(model, path)
-    cols = projection_columns(model, prompts, answers, vectors, layers, batch_size, progress)
+    existing: set = set()
+    if not overwrite:
+        if kind == "csv":
+            existing = set(data[0])
+        else:
+            existing = set.intersection(*(set(r) for r in data)) - {"messages"}
+    cols = projection_columns(model, prompts, answers, vectors, layers, batch_size, progress,
+                              kinds=kinds, skip=sorted(existing))
     out_path = out_path or path
+    if not cols and os.path.abspath(out_path) == os.path.abspath(path):
+        return out_path  # every column is there already: the file stays as it is
     if kind == "csv":
         fields, rows = data
         for name, vals in cols.items():
@@ -114,9 +133,7 @@ def project_file(model, path: str, vectors: dict[str, np.ndarray], layers: Seque
         for i, rec in enumerate(data):
             for name, vals in cols.items():
                 rec[name] = vals[i]
-        with atomic_open(out_path) as f:
-            for rec in data:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        jsonl.write_jsonl(out_path, data)
     return out_path
 
 

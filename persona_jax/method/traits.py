@@ -16,7 +16,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 from persona_jax.io.atomic import atomic_open
 from persona_jax.errors import PersonaError
@@ -239,27 +239,65 @@ class ContrastiveRow(NamedTuple):
     system: str
 
 
+INSTRUCTION_TYPES = ("pos", "neg")
+
+
+def side_assistant_name(trait_name: str, side: str, assistant_name: Optional[str] = None,
+                        antonym: str = "helpful") -> str:
+    """The assistant name of one side: `assistant_name` when given, else the trait's name
+    for pos and `antonym` for neg (the reference's defaults, with antonym "helpful")."""
+    if assistant_name:
+        return assistant_name
+    return trait_name if side == "pos" else antonym
+
+
+def instruction_prompts(
+    trait: Trait, instruction_type: Optional[str], assistant_name: Optional[str] = None,
+    questions: Optional[Sequence[str]] = None, antonym: str = "helpful",
+) -> list[ContrastiveRow]:
+    """Rows of one persona instruction type, as the reference's `eval_persona.py
+    --persona_instruction_type`: for "pos" / "neg" one row per question x instruction pair
+    (question-major) with the system prompt of that side and id `{trait}_{i}_{type}_{k}`;
+    for None (or "none") one row per question, no system prompt, id `{trait}_{i}`.
+
+    assistant_name: the name in "You are a/an {name} assistant." (None: the side's default,
+    see `side_assistant_name`).
+    """
+    questions = trait.questions if questions is None else questions
+    if instruction_type in (None, "", "none"):
+        return [ContrastiveRow(question=q, question_id=f"{trait.name}_{i}", question_index=i, pair_index=-1,
+                               side="none", system="") for i, q in enumerate(questions)]
+    if instruction_type not in INSTRUCTION_TYPES:
+        raise PersonaError(f"persona instruction type {instruction_type!r} is unknown; use pos, neg or none")
+    name = side_assistant_name(trait.name, instruction_type, assistant_name, antonym)
+    return [ContrastiveRow(question=q, question_id=f"{trait.name}_{i}_{instruction_type}_{k}", question_index=i,
+                           pair_index=k, side=instruction_type,
+                           system=system_prompt(trait.name, name, pair[instruction_type]))
+            for i, q in enumerate(questions) for k, pair in enumerate(trait.instruction)]
+
+
 def contrastive_prompts(
-    trait: Trait, antonym: str = "helpful", questions: Optional[Sequence[str]] = None
+    trait: Trait, antonym: str = "helpful", questions: Optional[Sequence[str]] = None,
+    assistant_names: Optional[Mapping[str, str]] = None,
 ) -> list[ContrastiveRow]:
     """Rows for every side x question x instruction pair, in the reference's order.
 
-    pos rows use the assistant name `trait.name`, neg rows `antonym`. Order: all pos
-    rows, then all neg rows; within a side question-major, pair-minor (as the reference's
+    pos rows use the assistant name `trait.name`, neg rows `antonym`, unless
+    `assistant_names` ({"pos": name, "neg": name}, either key optional) names this
+    trait's own (the reference's per-run `--assistant_name`). Order: all pos rows, then
+    all neg rows; within a side question-major, pair-minor (as the reference's
     `{trait}_pos_instruct.csv` / `{trait}_neg_instruct.csv`).
 
     Returns:
       [2 * n_questions * n_pairs] rows.
     """
-    questions = trait.questions if questions is None else questions
+    names = dict(assistant_names or {})
+    bad = sorted(set(names) - set(SIDES))
+    if bad:
+        raise PersonaError(f"assistant names for {trait.name} have key(s) {', '.join(bad)}; use pos and neg")
     rows = []
     for side in SIDES:
-        name = trait.name if side == "pos" else antonym
-        for i, q in enumerate(questions):
-            for k, pair in enumerate(trait.instruction):
-                rows.append(ContrastiveRow(
-                    question=q, question_id=f"{trait.name}_{i}_{side}_{k}", question_index=i,
-                    pair_index=k, side=side, system=system_prompt(trait.name, name, pair[side])))
+        rows += instruction_prompts(trait, side, names.get(side), questions, antonym)
     return rows
 
 
