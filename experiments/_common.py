@@ -19,8 +19,8 @@ def run_steps(steps):
     model, judge, source = runner.setup(cfg, WORKDIR.value)
     extra = {}
     if any(s in cfg.steps for s in ("finetune", "flagging")):
-        from persona_jax.finetune import pipeline_steps
-        extra = pipeline_steps.EXTRA_STEPS
+        from persona_jax.pipeline import finetune_steps
+        extra = finetune_steps.EXTRA_STEPS
     return pipeline.run(model, judge, source, cfg, WORKDIR.value, extra_steps=extra, progress=cfg.progress)
 
 
