@@ -61,6 +61,13 @@ def get_config():
     c.finetune = ml_collections.ConfigDict(dict(
         reduction="response_avg",
         datasets={},  # {label: path.jsonl} for real models; the organism writes its own
+        # the reference's layout dataset/<name>/{normal,misaligned_1,misaligned_2}.jsonl: the
+        # directory dataset/<name>; its three files join `datasets`, ordered by level 0, 1, 2
+        dataset_dir="",
+        # label of the dataset that preventative steering, CAFT and post-hoc steering use;
+        # empty: the highest trait fraction when every dataset has one (the organism), else
+        # the dataset whose fine-tuned model shows the highest measured trait
+        prevent_dataset="",
         ratios=(0.0, 0.25, 0.5, 0.75, 1.0), n_train=2400, trait_strength=1.0,  # organism datasets
         method="lora", lora_rank=32, lora_alpha=64.0, rslora=True,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -81,7 +88,10 @@ def get_config():
     ))
     # METHOD.md 9: projection difference on a candidate dataset (step "flagging")
     c.flagging = ml_collections.ConfigDict(dict(
-        reduction="response_avg", dataset="", labels="", n=400, dataset_samples=400,
+        reduction="response_avg", dataset="",
+        labels="",  # optional JSON list of 0/1 (1 = trait sample): AUROC; empty: an unlabelled corpus
+        drop_fraction=0.1,  # unlabelled: cleaned.jsonl drops this top share by delta (labelled: the labels' share)
+        n=400, dataset_samples=400,
         max_new_tokens=1000, temperature=0.0, batch_size=64,
     ))
     return c

@@ -97,3 +97,56 @@ def tiny_checkpoint(directory: str, family: str = "llama", seed: int = 0, chat_t
     model.save_pretrained(directory, safe_serialization=True)
     char_tokenizer(chat_template).save_pretrained(directory)
     return model
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of a byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+BYTE_VOCAB_SIZE = len(SPECIALS) + 256 + 4  # specials, every byte, the merges below
+
+
+def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE fast tokenizer like Llama 3's / Qwen's, built locally.
+
+    Ids: the chat specials (0..5), then byte b at id 6 + b (every byte is a token, so a
+    sampler can emit NUL, CR, other control bytes and partial UTF-8 sequences), then a
+    few merges ("th", " t", "in", " a"); `BYTE_VOCAB_SIZE` ids in all.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    b2u = _byte_to_unicode()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in range(256):
+        vocab[b2u[b]] = len(SPECIALS) + b
+    merges = [(b2u[ord(a)], b2u[ord(b)]) for a, b in ("th", " t", "in", " a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    assert len(vocab) == BYTE_VOCAB_SIZE
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[3:]})
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_byte_checkpoint(directory: str, family: str = "llama", seed: int = 0, **overrides):
+    """`tiny_checkpoint` with the byte-level BPE tokenizer (`byte_tokenizer`) instead of the
+    character-level one: what a real Llama 3 / Qwen checkpoint's tokenizer can emit."""
+    overrides.setdefault("vocab_size", BYTE_VOCAB_SIZE)
+    model = tiny_checkpoint(directory, family, seed=seed, **overrides)
+    byte_tokenizer().save_pretrained(directory)
+    return model

@@ -32,8 +32,15 @@ class FakeOpenAIServer:
       responder: prompt -> [(token, logprob)] for the top-logprobs of the one token, or
         prompt -> str for a plain text reply without logprobs (generator tests).
       script: actions for the first requests, in arrival order: "429", "500", "401",
-        "nologprobs", ("hang", seconds) or "ok". Later requests are "ok".
+        "nologprobs", ("hang", seconds), "hang" (hold the reply until the next request
+        arrives or the server stops: a client timeout, whatever its length, then a retry) or
+        "ok". Later requests are "ok".
       delay: seconds every successful reply waits before it is sent.
+      gate: hold every successful reply until this many requests are held at once (or
+        `gate_timeout` seconds pass), then release them all: concurrency measured without
+        depending on how fast the client sends.
+      text_responder: prompt -> str, for requests that do not ask for logprobs (a text
+        generator such as `traits.openai_llm`); None: `responder` answers them too.
       lifetime: seconds after which the server stops by itself.
     """
 
@@ -43,8 +50,17 @@ class FakeOpenAIServer:
         script: Sequence = (),
         delay: float = 0.0,
         lifetime: float = 120.0,
+        gate: int = 0,
+        gate_timeout: float = 60.0,
+        text_responder: Callable[[str], str] | None = None,
     ):
         self.responder = responder
+        self.text_responder = text_responder
+        self.gate = gate
+        self.gate_timeout = gate_timeout
+        self._gate_cond = threading.Condition()
+        self._gate_open = False
+        self._arrived = threading.Condition()
         self.script = list(script)
         self.delay = delay
         self.prompts: list[str] = []  # every request's user message, in arrival order
@@ -78,6 +94,11 @@ class FakeOpenAIServer:
                 return
             self._stopped = True
         self._timer.cancel()
+        with self._arrived:
+            self._arrived.notify_all()  # release "hang" requests
+        with self._gate_cond:
+            self._gate_open = True
+            self._gate_cond.notify_all()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -91,7 +112,30 @@ class FakeOpenAIServer:
         with self._lock:
             self.prompts.append(prompt)
             self.bodies.append(body)
-            return self.script.pop(0) if self.script else "ok"
+            action = self.script.pop(0) if self.script else "ok"
+        with self._arrived:
+            self._arrived.notify_all()  # a held "hang" request may go now
+        return action
+
+    def _hang_until_next_request(self):
+        with self._arrived:
+            n = len(self.prompts)
+            self._arrived.wait_for(lambda: len(self.prompts) > n or self._stopped)
+
+    def _pass_gate(self):
+        """Wait until `gate` requests wait here at once (counted in `in_flight`)."""
+        with self._gate_cond:
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                if self.in_flight >= self.gate:
+                    self._gate_open = True
+            self._gate_cond.notify_all()
+            self._gate_cond.wait_for(lambda: self._gate_open, timeout=self.gate_timeout)
+        if self.delay:
+            time.sleep(self.delay)
+        with self._lock:
+            self.in_flight -= 1
 
     def _handler_class(self):
         server = self
@@ -124,11 +168,16 @@ class FakeOpenAIServer:
                 if isinstance(action, tuple) and action[0] == "hang":
                     time.sleep(action[1])
                     action = "ok"
+                elif action == "hang":
+                    server._hang_until_next_request()
+                    action = "ok"
                 if action in ("429", "500", "401"):
                     self._send(int(action), {"error": {"message": f"scripted {action}",
                                                        "type": "test", "code": action}})
                     return
-                if server.delay:
+                if server.gate:
+                    server._pass_gate()
+                elif server.delay:
                     # counted only while sleeping, i.e. strictly before the reply is sent,
                     # so a client that sends its next request on receipt is never overcounted
                     with server._lock:
@@ -137,7 +186,10 @@ class FakeOpenAIServer:
                     time.sleep(server.delay)
                     with server._lock:
                         server.in_flight -= 1
-                top = server.responder(prompt)
+                if server.text_responder is not None and not body.get("logprobs"):
+                    top = server.text_responder(prompt)
+                else:
+                    top = server.responder(prompt)
                 text = top if isinstance(top, str) else None  # a plain-text reply
                 k = int(body.get("top_logprobs") or 0)
                 top = [] if text is not None else top[:k]

@@ -134,12 +134,16 @@ def test_coherence_uses_coherence_rubric(api_key):
 
 
 def test_retries_429_500_timeout_then_succeeds(api_key):
-    with FakeOpenAIServer(script=["429", "500", ("hang", 1.5)]) as srv:
-        judge = OpenAIJudge("m", base_url=srv.url, timeout=0.4, max_retries=3,
+    # The third request hangs until the client gives up on it and retries (the server holds
+    # it until the next request arrives), so only the client timeout decides, and every
+    # answered attempt has the whole timeout as margin on a slow, loaded machine.
+    timeout = 3.0
+    with FakeOpenAIServer(script=["429", "500", "hang"]) as srv:
+        judge = OpenAIJudge("m", base_url=srv.url, timeout=timeout, max_retries=3,
                             retry_base_delay=0.01, progress=False)
         t0 = time.monotonic()
         assert judge.trait_scores("evil", RUBRIC, ["q"], ["a <<12>>"]) == [12.0]
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 >= timeout  # the hung attempt was timed out, not answered
         assert srv.n_requests == 4 and judge.requests_sent == 4
 
 
@@ -211,12 +215,15 @@ def test_sync_call_inside_running_event_loop(api_key):
 
 
 def test_concurrency_cap(api_key):
-    with FakeOpenAIServer(delay=0.2) as srv:
-        judge = OpenAIJudge("m", base_url=srv.url, max_concurrency=4, progress=False)
+    # The server holds replies until 4 requests wait at once (no wall-clock race): a client
+    # that sends fewer than the cap concurrently would hold them for the 60 s gate timeout
+    # and fail the lower bound; after the gate each reply is held 0.2 s more, so a client
+    # that ignored its cap would put more than 4 in flight.
+    with FakeOpenAIServer(gate=4, delay=0.2) as srv:
+        judge = OpenAIJudge("m", base_url=srv.url, max_concurrency=4, timeout=120, progress=False)
         got = judge.trait_scores("evil", RUBRIC, ["q"] * 12, [f"<<{i}>>" for i in range(12)])
         assert got == [float(i) for i in range(12)]
-        # 12 slow requests sent at once: they overlap, but never more than the cap
-        assert 2 <= srv.max_in_flight <= 4
+        assert srv.max_in_flight == 4
 
 
 def _write_csv(path, rows, fields):

@@ -20,6 +20,7 @@ import numpy as np
 from persona_jax.method import flagging as fl
 from persona_jax.pipeline import steps as pl
 from persona_jax.io.csvio import read_csv
+from persona_jax.io.distributed import writer_only
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import lora as flora
@@ -93,19 +94,23 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     ev = lambda m, label, steering=None: evaluate(m, judge, source, name, questions, trait.eval_prompt,
                                                   os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering,
                                                   progress=bool(cfg.progress))
+    named = str(f.get("prevent_dataset", "") or "")
+    if named and named not in datasets:
+        raise PersonaError(f"finetune.prevent_dataset {named!r} is not one of the datasets ({', '.join(datasets)})")
     base = ev(model, "base")
     base_means = {k: np.asarray(v) for k, v in base["means"].items()}
     runs = {}
-    tuned_full = None
+    tuned_full, full_label = None, None
     for label, (path, fraction) in datasets.items():
         tuned = finetune_model(model, path, cfg, os.path.join(d, f"train_{label}"))
         r = ev(tuned, label)
         shift = finetuning_shift(base_means, {k: np.asarray(v) for k, v in r["means"].items()}, vector, layer)
-        runs[label] = {"fraction": fraction, "trait": r["trait"], "coherence": r["coherence"], "content": r["content"],
-                       "trait_change": r["trait"] - base["trait"], "shift_prompt_last": shift["prompt_last"],
-                       "shift_response_avg": shift["response_avg"]}
-        if fraction == max(fr for _, fr in datasets.values()):
-            tuned_full, full_label = tuned, label
+        runs[label] = {"fraction": _none_if_nan(fraction), "trait": r["trait"], "coherence": r["coherence"],
+                       "content": r["content"], "trait_change": _diff(r["trait"], base["trait"]),
+                       "shift_prompt_last": shift["prompt_last"], "shift_response_avg": shift["response_avg"]}
+        if full_label is None or _prefer(label, runs, datasets, named, full_label):
+            tuned_full, full_label = tuned, label  # only the chosen model is kept in memory
+        del tuned
     full = runs[full_label]
     full_path = datasets[full_label][0]
 
@@ -119,18 +124,23 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     for c in f.posthoc_coefs:
         r = ev(tuned_full, f"posthoc_{c:g}", [Steering(vector, layer, -float(c), positions=f.posthoc_positions)])
         posthoc.append({"coef": -float(c), "trait": r["trait"], "coherence": r["coherence"]})
-    ok = [p["trait"] for p in posthoc if p["coherence"] is not None and p["coherence"] >= float(f.coherence_floor)]
-    rise = full["trait"] - base["trait"]
-    labels = list(runs)
+    ok = [p["trait"] for p in posthoc if p["coherence"] is not None and p["coherence"] >= float(f.coherence_floor)
+          and p["trait"] is not None]
+    rise = _diff(full["trait"], base["trait"])
+    rise = 0.0 if rise is None else rise
+    labels = [k for k in runs if runs[k]["trait_change"] is not None]
     summary = {
         "layer": layer, "reduction": f.reduction, "method": f.method,
+        "prevent_dataset": full_label,
+        "prevent_dataset_rule": ("named in the config" if named else "highest trait fraction"
+                                 if _all_known(datasets) else "highest measured trait"),
         "trait_before": base["trait"], "coherence_before": base["coherence"], "content_before": base["content"],
         "trait_after": full["trait"], "content_metric": full["content"], "coherence_after": full["coherence"],
         "trait_after_preventative": prevented["trait"], "content_metric_preventative": prevented["content"],
         "coherence_preventative": prevented["coherence"], "preventative_coef": float(f.preventative_coef),
-        "prevented_fraction": None if rise <= 0 else (full["trait"] - prevented["trait"]) / rise,
+        "prevented_fraction": None if rise <= 0 or prevented["trait"] is None else (full["trait"] - prevented["trait"]) / rise,
         "trait_after_caft": caft["trait"], "content_metric_caft": caft["content"], "coherence_caft": caft["coherence"],
-        "caft_prevented_fraction": None if rise <= 0 else (full["trait"] - caft["trait"]) / rise,
+        "caft_prevented_fraction": None if rise <= 0 or caft["trait"] is None else (full["trait"] - caft["trait"]) / rise,
         "posthoc": posthoc, "posthoc_best": min(ok) if ok else None,
         "datasets": runs,
         "shift_trait_r": pearson([runs[k]["shift_prompt_last"] for k in labels], [runs[k]["trait_change"] for k in labels]),
@@ -141,10 +151,40 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     return summary
 
 
+def _none_if_nan(x):
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _all_known(datasets) -> bool:
+    return all(not np.isnan(fr) for _, fr in datasets.values())
+
+
+def _prefer(label, runs, datasets, named, current) -> bool:
+    """Whether `label` replaces `current` as the dataset for prevention / post-hoc: the one
+    named in the config; else the highest trait fraction (or level) when every dataset has
+    one; else the highest measured trait after fine-tuning (a missing trait never wins)."""
+    if named:
+        return label == named
+    if _all_known(datasets):
+        return datasets[label][1] > datasets[current][1]
+    new, cur = runs[label]["trait"], runs[current]["trait"]
+    return new is not None and (cur is None or new > cur)
+
+
+# Files of the flagging step: written by process 0 only, the others wait (multi-host rule).
+_write_flagged_csv = writer_only(fl.write_flagged_csv)
+_filter_jsonl = writer_only(fl.filter_jsonl)
+
+
 @pl.resumable_step("flagging.json")
 def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
-    """Projection difference on the subtle mix (AUROC vs labels, a cleaned JSONL) and, after
-    the finetune step, the dataset-level ranking of the mix datasets."""
+    """Projection difference per sample of the flagging dataset: `flagged.csv` (the scores),
+    the ranking by delta, `cleaned.jsonl` without the top samples, AUROC when the source
+    gives labels; after the finetune step, the dataset-level ranking of its datasets."""
     f = cfg.flagging
     d = os.path.join(workdir, name, "flagging")
     os.makedirs(d, exist_ok=True)
@@ -152,17 +192,29 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     vector = pl.load_step_vector(workdir, name, f.reduction, model)
     path, labels = source.flagging_dataset(name, d, cfg)
     records = read_jsonl_conversations(path)
+    if labels is not None and len(labels) != len(records):
+        raise PersonaError(f"{len(labels)} flagging labels for the {len(records)} samples of {path}; give one 0/1 per sample")
     kw = dict(max_new_tokens=int(f.max_new_tokens), temperature=float(f.temperature), seed=cfg.seed,
               batch_size=int(f.batch_size))
     kw["progress"] = bool(cfg.progress)
     res = fl.projection_difference(model, records, vector, layer, **kw)
-    summary = {"layer": layer, "n": len(records), "n_flagged": int(sum(labels)),
-               "auroc": auroc(res.delta, labels), "auroc_raw_projection": auroc(res.dataset_proj, labels)}
-    fl.write_flagged_csv(os.path.join(d, "flagged.csv"), res, labels)  # per sample, for inspection
-    cleaned = fl.filter_jsonl(path, os.path.join(d, "cleaned.jsonl"), res, drop_fraction=float(np.mean(labels)))
-    summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}
-    summary["filter"]["precision"] = float(np.mean([labels[i] for i in cleaned["dropped_indices"]])) if cleaned["dropped"] else None
-    # Dataset level: mean projection difference of each mix dataset vs its trait after fine-tuning.
+    order = np.argsort(-np.nan_to_num(np.asarray(res.delta, float), nan=-np.inf), kind="stable")
+    summary = {"layer": layer, "dataset": path, "n": len(records), "mean_delta": res.mean_delta,
+               "ranking": [int(i) for i in order],  # sample indices, largest projection difference first
+               "flagged_csv": os.path.join(d, "flagged.csv"), "cleaned_jsonl": os.path.join(d, "cleaned.jsonl")}
+    if labels is not None:
+        summary.update({"n_flagged": int(sum(labels)), "auroc": auroc(res.delta, labels),
+                        "auroc_raw_projection": auroc(res.dataset_proj, labels)})
+    _write_flagged_csv(summary["flagged_csv"], res, labels)  # per sample, for inspection
+    drop = float(np.mean(labels)) if labels is not None else float(f.get("drop_fraction", 0.1))
+    cleaned = _filter_jsonl(path, summary["cleaned_jsonl"], res, drop_fraction=drop)
+    if cleaned is not None:  # process 0 (the one that writes the summary)
+        summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}
+        summary["filter"]["drop_fraction"] = drop
+        if labels is not None:
+            summary["filter"]["precision"] = (float(np.mean([labels[i] for i in cleaned["dropped_indices"]]))
+                                              if cleaned["dropped"] else None)
+    # Dataset level: mean projection difference of each fine-tuning dataset vs its trait after fine-tuning.
     ft = entry.get("finetune")
     if ft:
         datasets = source.finetune_datasets(name, os.path.join(workdir, name, "finetune", "data"), cfg)
@@ -172,8 +224,21 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
             means.append(fl.projection_difference(model, recs, vector, layer, **kw).mean_delta)
             after.append(ft["datasets"][label]["trait"])
         summary["dataset_mean_delta"] = dict(zip(datasets, means))
-        summary["dataset_rank_spearman"] = spearman(means, after)
+        summary["dataset_rank_spearman"] = spearman(means, [np.nan if a is None else a for a in after])
+    summary["markdown"] = _flag_markdown(name, summary)
     return summary
+
+
+def _flag_markdown(name, s) -> str:
+    lines = [f"### {name}: flagging `{s['dataset']}` (layer {s['layer']}, {s['n']} samples)", "",
+             f"Mean projection difference {s['mean_delta']:.4g}; per-sample scores in `{name}/flagging/flagged.csv`; "
+             f"top samples by delta: {', '.join(str(i) for i in s['ranking'][:10])}."]
+    if "filter" in s:
+        lines.append(f"`{name}/flagging/cleaned.jsonl` keeps {s['filter']['kept']} of {s['n']} "
+                     f"(the top {s['filter']['drop_fraction']:.0%} by delta dropped).")
+    if "auroc" in s:
+        lines.append(f"AUROC against the labels: {s['auroc']:.3f} (raw projection {s['auroc_raw_projection']:.3f}).")
+    return "\n".join(lines)
 
 
 def _markdown(name, s) -> str:
@@ -187,6 +252,14 @@ def _markdown(name, s) -> str:
              f"| + CAFT ablation | {f(s['trait_after_caft'])} | {f(s['coherence_caft'])} | {f(s['content_metric_caft'])} |",
              "", f"Post-hoc best (coherence >= floor): {f(s['posthoc_best'])}; "
              f"shift vs trait change r = {s['shift_trait_r']:.3f}"]
+    if s.get("prevent_dataset") is not None:
+        lines += ["", f"Preventative steering, CAFT and post-hoc steering used dataset `{s['prevent_dataset']}` "
+                      f"({s.get('prevent_dataset_rule', '')}).", "",
+                  "| dataset | fraction / level | trait after | trait change | shift (prompt_last) | shift (response_avg) |",
+                  "|---|---|---|---|---|---|"]
+        g = lambda x: "n/a" if x is None else f"{x:.3g}"
+        lines += [f"| {k} | {g(r['fraction'])} | {f(r['trait'])} | {f(r['trait_change'])} | "
+                  f"{g(r['shift_prompt_last'])} | {g(r['shift_response_avg'])} |" for k, r in s["datasets"].items()]
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ import jax
 
 from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
+from persona_jax.io.atomic import atomic_open
+from persona_jax.io.distributed import writer_only
 
 
 def mesh_from(cfg):
@@ -54,14 +56,44 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     from persona_jax.model import load_model
 
     sh.maybe_initialize_distributed(bool(cfg.distributed))
+    # Everything a user can get wrong is checked before the first file is written or the
+    # model is loaded: the trait files, the judge endpoint (one probe request).
+    source = trait_source(cfg)
+    check_inputs(source, cfg)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+    judge = make_judge(cfg.judge, workdir) if need_judge else None
+    if judge is not None and cfg.judge.kind == "openai":
+        probe_judge(judge)
+    _write_config(os.path.join(workdir, "config.json"), cfg.to_dict())
     model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg), scan_decode=cfg.scan_decode)
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
-    judge = make_judge(cfg.judge, workdir) if need_judge else None
-    return model, judge, trait_source(cfg)
+    return model, judge, source
+
+
+def check_inputs(source, cfg) -> None:
+    """Load (and so validate) every configured trait's extraction and evaluation artifacts
+    and, for file traits, the fine-tuning and flagging datasets the steps will read."""
+    for name in cfg.traits:
+        source.extract_trait(name)
+        source.eval_trait(name)
+        if cfg.trait_source == "files":
+            if "finetune" in cfg.steps:
+                source.finetune_datasets(name, "", cfg)
+            if "flagging" in cfg.steps:
+                source.flagging_dataset(name, "", cfg)
+
+
+def probe_judge(judge) -> None:
+    """One coherence request, so an endpoint without logprobs, a wrong URL or key fails the
+    run at once rather than after hours of generation (cached: a rerun sends nothing)."""
+    judge.coherence_scores(["What is 2 + 2?"], ["2 + 2 is 4."])
+
+
+@writer_only
+def _write_config(path: str, config: dict) -> None:
+    """The run's final config beside its artifacts (process 0, atomically)."""
+    with atomic_open(path) as f:
+        json.dump(config, f, indent=2)
 
 
 def make_judge(cfg, workdir: str):

@@ -64,21 +64,62 @@ class FileTraits:
         return system_prompt(name, name, t.instruction[0]["pos"])
 
     def finetune_datasets(self, name, out_dir, cfg):
-        """cfg.finetune.datasets: {label: path}; the trait fraction is unknown (NaN)."""
-        ds = dict(cfg.finetune.datasets)
-        if not ds:
-            raise PersonaError("the finetune step needs finetune.datasets = {label: path.jsonl} in the config")
-        return {label: (path, float("nan")) for label, path in ds.items()}
+        """{label: (path, level)} from cfg.finetune.dataset_dir (the reference's layout
+        `dataset/<name>/{normal,misaligned_1,misaligned_2}.jsonl`, levels 0, 1, 2, in that
+        order) and cfg.finetune.datasets ({label: path}, level unknown: NaN)."""
+        f = cfg.finetune
+        out = {}
+        if f.get("dataset_dir", ""):
+            out.update(reference_datasets(f.dataset_dir))
+        for label, path in dict(f.datasets).items():
+            if label in out:
+                raise PersonaError(f"finetune.datasets label {label!r} is also a file of finetune.dataset_dir "
+                                   f"{f.dataset_dir}; rename it")
+            if not os.path.isfile(path):
+                raise PersonaError(f"finetune.datasets[{label!r}] = {path} is not a file; give a training JSONL")
+            out[label] = (path, float("nan"))
+        if not out:
+            raise PersonaError("the finetune step needs finetune.dataset_dir (dataset/<name>/ with normal.jsonl, "
+                               "misaligned_1.jsonl, misaligned_2.jsonl) or finetune.datasets = {label: path.jsonl}")
+        return out
 
     def flagging_dataset(self, name, out_dir, cfg):
-        """cfg.flagging.dataset (JSONL) with cfg.flagging.labels (a JSON list of 0/1)."""
-        if not cfg.flagging.dataset or not cfg.flagging.labels:
-            raise PersonaError("the flagging step needs flagging.dataset and flagging.labels in the config")
-        with open(cfg.flagging.labels) as f:
-            return cfg.flagging.dataset, json.load(f)
+        """cfg.flagging.dataset (JSONL) and, optionally, cfg.flagging.labels (a JSON list of
+        0/1, one per sample); (path, None) for an unlabelled corpus."""
+        fc = cfg.flagging
+        if not fc.dataset:
+            raise PersonaError("the flagging step needs flagging.dataset (a JSONL of conversations to screen)")
+        if not os.path.isfile(fc.dataset):
+            raise PersonaError(f"flagging.dataset {fc.dataset} is not a file; give a JSONL of conversations")
+        if not fc.labels:
+            return fc.dataset, None
+        try:
+            with open(fc.labels) as fh:
+                labels = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise PersonaError(f"flagging.labels {fc.labels} is not a readable JSON list ({e})") from None
+        if not isinstance(labels, list) or any(x not in (0, 1) for x in labels):
+            raise PersonaError(f"flagging.labels {fc.labels} must be a JSON list of 0/1 values, one per sample")
+        return fc.dataset, labels
 
     def content_metric(self, questions, answers):
         return None  # no task-specific content metric for real traits
+
+
+REFERENCE_DATASET_FILES = ("normal", "misaligned_1", "misaligned_2")  # levels 0, 1, 2
+
+
+def reference_datasets(directory: str) -> dict:
+    """{label: (path, level)} of the reference's `dataset/<name>/` directory, by level."""
+    if not os.path.isdir(directory):
+        raise PersonaError(f"finetune.dataset_dir {directory} is not a directory; give dataset/<name>/ holding "
+                           f"{', '.join(f + '.jsonl' for f in REFERENCE_DATASET_FILES)}")
+    paths = {label: os.path.join(directory, f"{label}.jsonl") for label in REFERENCE_DATASET_FILES}
+    missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise PersonaError(f"finetune.dataset_dir {directory} lacks {', '.join(missing)}; the reference's layout is "
+                           f"dataset/<name>/{{{','.join(REFERENCE_DATASET_FILES)}}}.jsonl")
+    return {label: (path, float(level)) for level, (label, path) in enumerate(paths.items())}
 
 
 def sampling_from(cfg, seed: int) -> Sampling:

@@ -1,0 +1,302 @@
+"""The real-model path rehearsed end to end (issue 15): every command of the README's
+`<!-- rehearsal` block, read from README.md, run as a subprocess through its CLI on a tiny
+random checkpoint with a byte-level BPE tokenizer (every byte a token, so sampled replies
+hold NUL, CR, other control bytes and partial UTF-8), trait files and datasets in the
+reference's layouts written here, and a local OpenAI-compatible judge whose scores are a
+deterministic function of the text.
+
+Targets: the two paper configs with the model path overridden (Qwen2.5 evil on a tiny
+qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command; every other
+family of `persona_jax.testing.FAMILY_CLASSES` runs the cheaper subset `inspect_model`,
+`monitor` (which runs extract -> steer -> monitor) and `project` under configs/base.py.
+Only the sample budgets are made small (flags appended to the README's command line).
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai_server import FakeOpenAIServer  # noqa: E402
+from rehearsal_helpers import (REPO, env_for, expected_score, is_png, judge_top_logprobs,  # noqa: E402
+                               readme_commands, runner_of, trait_dict, write_datasets, write_traits)
+
+pd = pytest.importorskip("pandas")
+torch = pytest.importorskip("torch")
+
+from persona_jax import testing  # noqa: E402
+
+N_EXTRACT, N_EVAL, N_PAIRS = 4, 4, 5
+N_PER_Q = 2  # extraction samples per (question, pair, side)
+STEER_Q, STEER_N = 2, 2
+N_DATA = 8  # samples per fine-tuning dataset
+MAX_NEW = 12
+LAYER = 2  # of the tiny checkpoints' 3 layers
+
+COMMANDS = readme_commands()
+SUBSET = ("inspect_model", "monitor", "project")
+
+_CONFIG_BUDGET = [
+    "--config.progress=False",
+    f"--config.extract.n_per_question={N_PER_Q}", f"--config.extract.max_new_tokens={MAX_NEW}",
+    f"--config.steer.layers=({LAYER},)", "--config.steer.coefs=(0.0,1.0)",
+    f"--config.steer.n_questions={STEER_Q}", f"--config.steer.n_per_question={STEER_N}",
+    f"--config.steer.max_new_tokens={MAX_NEW}",
+    f"--config.monitor.layer={LAYER}", f"--config.monitor.n_questions={STEER_Q}",
+    "--config.monitor.n_per_question=1", f"--config.monitor.max_new_tokens={MAX_NEW}",
+    "--config.finetune.num_steps=2", "--config.finetune.batch_size=2", "--config.finetune.grad_accum=1",
+    "--config.finetune.n_questions=2", "--config.finetune.eval_n_per_question=2",
+    f"--config.finetune.max_new_tokens={MAX_NEW}", "--config.finetune.posthoc_coefs=(1.0,)",
+    "--config.finetune.max_length=256", "--config.finetune.progress=False",
+    f"--config.flagging.max_new_tokens={MAX_NEW}", "--config.flagging.batch_size=8",
+]
+# Budget flags appended to each runner's README command line (later flags win in absl).
+BUDGET = {
+    "generate_trait": [f"--n_questions={N_EXTRACT + N_EVAL}", f"--n_extract={N_EXTRACT}"],
+    "inspect_model": [],
+    "extract": _CONFIG_BUDGET, "steer": _CONFIG_BUDGET, "monitor": _CONFIG_BUDGET, "pipeline": _CONFIG_BUDGET,
+    "project": ["--batch_size=8"],
+    "finetune": ["--config.finetune.num_steps=2", "--config.finetune.batch_size=2",
+                 "--config.finetune.grad_accum=1", "--config.finetune.max_length=256",
+                 "--config.finetune.progress=False"],
+    "flag_data": [f"--max_new_tokens={MAX_NEW}", "--batch_size=8"],
+}
+# Commands whose runner another branch (refopts) is fixing; xfail until it lands.
+REFOPTS = {"finetune": "refopts: configs/finetune.py lacks scan_decode (issue 15)"}
+
+TARGETS = {
+    "qwen25_7b_evil": dict(family="qwen2", config="configs/qwen25_7b_evil.py", trait="evil", full=True),
+    "llama31_8b_sycophantic": dict(family="llama", config="configs/llama31_8b_sycophantic.py",
+                                   trait="sycophantic", full=True),
+}
+for _family in testing.FAMILY_CLASSES:
+    if _family not in ("qwen2", "llama"):  # those two run every command under the paper configs
+        TARGETS[_family] = dict(family=_family, config="configs/base.py", trait="evil", full=False)
+
+CASES = [pytest.param(t, i, id=f"{t}-{i}-{runner_of(c)}",
+                      marks=[pytest.mark.xfail(strict=False, reason=REFOPTS[runner_of(c)])]
+                      if runner_of(c) in REFOPTS else [])
+         for t, spec in TARGETS.items() for i, c in enumerate(COMMANDS)
+         if spec["full"] or runner_of(c) in SUBSET]
+
+
+def test_readme_block_names_every_runner_and_has_a_budget():
+    runners = [runner_of(c) for c in COMMANDS]
+    for r in ("generate_trait", "inspect_model", "extract", "steer", "monitor", "pipeline", "project",
+              "finetune", "flag_data"):
+        assert r in runners, f"the README's rehearsal block lacks experiments.{r}"
+    assert sum(r == "finetune" for r in runners) == 2  # LoRA, and LoRA with preventative steering
+    assert set(runners) <= set(BUDGET), "a README command without a budget entry here"
+
+
+class _Env:
+    """One target's checkpoint, trait files, datasets, judge server and workdir."""
+
+    def __init__(self, name, spec, root: Path):
+        self.name, self.spec, self.root = name, spec, root
+        self.model_dir = root / "model"
+        self.torch_model = testing.tiny_byte_checkpoint(str(self.model_dir), spec["family"], seed=3)
+        self.trait = spec["trait"]
+        self.traits = root / "data_generation"
+        self.full_trait = write_traits(self.traits, self.trait, N_EXTRACT, N_EVAL)
+        self.data = root / "dataset" / self.trait
+        write_datasets(self.data, N_DATA)
+        self.work = root / "runs"
+        self.server = FakeOpenAIServer(judge_top_logprobs, lifetime=3600,
+                                       text_responder=lambda prompt: json.dumps(
+                                           trait_dict(self.trait, N_EXTRACT + N_EVAL))).start()
+        cfg = self.torch_model.config
+        self.L, self.D = cfg.num_hidden_layers, cfg.hidden_size
+        self.env = env_for({
+            "MODEL": str(self.model_dir), "CONFIG": spec["config"], "TRAIT": self.trait, "LAYER": str(LAYER),
+            "TRAIT_DESCRIPTION": f"The assistant shows the trait {self.trait} in everything it says.",
+            "TRAITS": str(self.traits), "DATA": str(self.data), "WORK": str(self.work),
+            "JUDGE_URL": self.server.url, "OPENAI_API_KEY": "rehearsal-key",
+            # 2 simulated devices: a ("data", "model") mesh with a real data axis, cheap to compile
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        })
+        self.results = {}
+
+
+@pytest.fixture(scope="module")
+def envs(tmp_path_factory):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = _Env(name, TARGETS[name], tmp_path_factory.mktemp(f"rehearsal_{name}"))
+        return made[name]
+
+    yield get
+    for e in made.values():
+        e.server.stop()
+
+
+def _run(env: _Env, command: str):
+    line = command + " " + " ".join(f"'{f}'" for f in BUDGET[runner_of(command)])
+    return subprocess.run(["bash", "-c", line], cwd=REPO, env=env.env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("target,index", CASES)
+def test_readme_command(envs, target, index):
+    env = envs(target)
+    command = COMMANDS[index]
+    runner = runner_of(command)
+    proc = _run(env, command)
+    env.results[index] = proc.returncode
+    assert proc.returncode == 0, f"{command}\nexit {proc.returncode}\n{proc.stderr[-4000:]}"
+    CHECKS[runner](env, command, proc)
+
+
+# ---- what each command promises ------------------------------------------------------
+def _reference_columns(trait):
+    return ["question", "prompt", "answer", "question_id", trait, "coherence"]
+
+
+def _check_csv(path: Path, trait: str, n_rows: int):
+    """Reference columns, exactly one row per sample, read back equal by csv and pandas."""
+    assert path.is_file(), path
+    with open(path, newline="", encoding="utf-8") as f:
+        r = csv.reader(f)
+        header = next(r)
+        rows = list(r)
+    assert header == _reference_columns(trait), header
+    assert len(rows) == n_rows, (path, len(rows), n_rows)
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8")
+    assert list(frame.columns) == header and len(frame) == n_rows
+    assert frame["answer"].tolist() == [row[2] for row in rows]
+    return header, rows
+
+
+def _check_scores(rows, header, trait):
+    """Scores are the judge's deterministic function of the rendered rubric."""
+    from persona_jax.judges.rubrics import COHERENCE_PROMPT, render
+    rub = trait_dict(trait, 1)["eval_prompt"]
+    t, c = header.index(trait), header.index("coherence")
+    for row in rows[:6]:
+        q, a = row[0], row[2]
+        assert float(row[t]) == pytest.approx(expected_score(render(rub, q, a)), abs=1e-6)
+        assert float(row[c]) == pytest.approx(expected_score(render(COHERENCE_PROMPT, q, a)), abs=1e-6)
+
+
+def _check_vectors(env: _Env, d: Path):
+    for red in ("prompt_avg", "prompt_last", "response_avg"):
+        v = torch.load(d / f"{env.trait}_{red}_diff.pt")
+        assert v.dtype == torch.float32 and tuple(v.shape) == (env.L + 1, env.D), (red, v.shape)
+        assert torch.isfinite(v).all()
+
+
+def check_generate_trait(env, command, proc):
+    full = trait_dict(env.trait, N_EXTRACT + N_EVAL)
+    for sub, qs in (("trait_data_extract", full["questions"][:N_EXTRACT]),
+                    ("trait_data_eval", full["questions"][N_EXTRACT:])):
+        got = json.loads((env.traits / sub / f"{env.trait}.json").read_text())
+        assert got == {**full, "questions": qs}
+
+
+def check_inspect_model(env, command, proc):
+    assert f"layers: {env.L}  hidden: {env.D}" in proc.stdout
+    assert "top-5 next tokens" in proc.stdout
+
+
+def check_extract(env, command, proc):
+    d = env.work / env.trait
+    n = N_EXTRACT * N_PAIRS * N_PER_Q
+    answers = []
+    for side in ("pos", "neg"):
+        header, rows = _check_csv(d / f"{env.trait}_{side}_instruct.csv", env.trait, n)
+        _check_scores(rows, header, env.trait)
+        answers += [r[2] for r in rows]
+    # the byte-level vocabulary really put control characters into the replies
+    assert any(any(ord(ch) < 32 and ch not in "\n\t" for ch in a) for a in answers)
+    _check_vectors(env, d)
+    ext = json.loads((d / "extract.json").read_text())
+    assert ext["n_kept"] >= 1
+
+
+def check_steer(env, command, proc):
+    d = env.work / env.trait
+    _check_csv(d / "steer_sweep.csv", env.trait, STEER_Q * STEER_N * 2)
+    _check_csv(d / "steer_random.csv", env.trait, STEER_Q * STEER_N)
+    _check_csv(d / "steer_negative.csv", env.trait, STEER_Q * STEER_N * 2)
+    assert is_png(d / "steering.png")
+    st = json.loads((d / "steer.json").read_text())
+    assert st["layer"] == LAYER and st["coefs"] == [0.0, 1.0]
+
+
+def check_monitor(env, command, proc):
+    d = env.work / env.trait
+    if not env.spec["full"]:  # the subset runs extract -> steer -> monitor in this one command
+        check_extract(env, command, proc)
+        check_steer(env, command, proc)
+    n_conditions = 2 * N_PAIRS + 1
+    with open(d / "monitor.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_conditions * STEER_Q
+    assert is_png(d / "monitoring.png")
+    report = json.loads((env.work / "report.json").read_text())
+    entry = report["traits"][env.trait]
+    assert entry["layer"] == LAYER and entry["monitoring"]["n_conditions"] == n_conditions
+    md = (env.work / "report.md").read_text()
+    assert f"| {env.trait} |" in md and f"{env.trait}/steering.png" in md
+
+
+def check_pipeline(env, command, proc):
+    d = env.work / env.trait
+    ft = json.loads((d / "finetune.json").read_text())
+    assert list(ft["datasets"]) == ["normal", "misaligned_1", "misaligned_2"]
+    assert [r["fraction"] for r in ft["datasets"].values()] == [0.0, 1.0, 2.0]  # levels, in order
+    for label, r in ft["datasets"].items():
+        assert r["trait"] is not None and r["shift_prompt_last"] is not None
+        _check_csv(d / "finetune" / f"eval_{label}.csv", env.trait, 2 * 2)
+    assert ft["prevent_dataset"] == "misaligned_2"  # the highest level
+    assert "shift_trait_r" in ft
+    for run in ("preventative", "caft", "posthoc_1"):
+        _check_csv(d / "finetune" / f"eval_{run}.csv", env.trait, 2 * 2)
+    fl = json.loads((d / "flagging.json").read_text())
+    assert fl["n"] == N_DATA and "auroc" not in fl  # an unlabelled corpus: no AUROC
+    flagged = pd.read_csv(d / "flagging" / "flagged.csv")
+    assert list(flagged.columns) == ["index", "delta", "dataset_proj", "base_proj", "base_response"]
+    assert flagged["index"].tolist() == list(range(N_DATA))
+    np.testing.assert_allclose(flagged["delta"], flagged["dataset_proj"] - flagged["base_proj"], rtol=1e-5, atol=1e-5)
+    assert fl["ranking"] == [int(i) for i in np.argsort(-flagged["delta"].to_numpy(), kind="stable")]
+    cleaned = (d / "flagging" / "cleaned.jsonl").read_text().splitlines()
+    assert len(cleaned) == N_DATA - round(0.1 * N_DATA)
+    dropped = set(fl["ranking"][: round(0.1 * N_DATA)])
+    original = (env.data / "misaligned_2.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in cleaned] == [json.loads(x) for i, x in enumerate(original) if i not in dropped]
+    md = (env.work / "report.md").read_text()
+    assert "misaligned_2" in md and "flagging" in md
+
+
+def check_project(env, command, proc):
+    out = [json.loads(x) for x in (env.work / "normal_projected.jsonl").read_text().splitlines()]
+    assert len(out) == N_DATA
+    col = f"model_{env.trait}_response_avg_diff_proj_layer{LAYER}"
+    assert all(col in rec and np.isfinite(rec[col]) for rec in out), sorted(out[0])
+
+
+def check_finetune(env, command, proc):
+    from persona_jax.pipeline.cli import EXIT_USER_ERROR  # noqa: F401  (import check only)
+    wd = Path(command.split("--workdir=")[1].split()[0].replace("$WORK", str(env.work)))
+    merged = wd / "merged"
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    assert json.loads((wd / "report.json").read_text())["steps"] == 2
+
+
+def check_flag_data(env, command, proc):
+    wd = env.work / "flag"
+    flagged = pd.read_csv(wd / "flagged.csv")
+    assert len(flagged) == N_DATA
+    assert len((wd / "cleaned.jsonl").read_text().splitlines()) == N_DATA - round(0.1 * N_DATA)
+    assert json.loads((wd / "report.json").read_text())["n"] == N_DATA
+    assert (wd / "report.md").is_file()
+
+
+CHECKS = {"generate_trait": check_generate_trait, "inspect_model": check_inspect_model, "extract": check_extract,
+          "steer": check_steer, "monitor": check_monitor, "pipeline": check_pipeline, "project": check_project,
+          "finetune": check_finetune, "flag_data": check_flag_data}
