@@ -187,7 +187,8 @@ def test_runner_writes_csvs_and_a_self_contained_page(tiny, tmp_path):
     parser.feed(page)
     assert parser.token_spans == len(rows)  # every token is a shaded span
     assert parser.refs == [] and "<script" not in page and "<link" not in page and "url(" not in page
-    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 2  # a turn plot per conversation
+    # a turn plot per conversation, one line per role in it
+    assert parser.tags.count("svg") == 2 and parser.tags.count("polyline") == 3 + 2
     assert "trait_response_avg_diff.npy" in page and f"layer <b>{LAYER}</b>" in page and 'class="legend"' in page
     assert parser.titles[5].endswith(f"{traces[0].projection[5]:.4g}")
 

@@ -327,7 +327,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def turn_plot_svg(trace: TokenTrace, centre: float, width: int = 720, height: int = 230) -> str:
-    """Inline SVG: mean projection per turn (markers coloured by role), dashed line at the centre."""
+    """Inline SVG: mean projection per turn, one line per role (coloured by role), dashed
+    line at the colour scale's centre."""
     pts = [(t.index, t.mean, t.role) for t in trace.turns if np.isfinite(t.mean)]
     if not pts:
         return "<p class='note'>No turn has tokens to plot.</p>"
@@ -357,8 +358,10 @@ def turn_plot_svg(trace: TokenTrace, centre: float, width: int = 720, height: in
                'font-size="12">turn</text>')
     out.append(f'<text x="14" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" font-size="12" '
                f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">mean projection</text>')
-    out.append('<polyline fill="none" stroke="#555" stroke-width="1.5" points="'
-               + " ".join(f"{X(i):.1f},{Y(y):.1f}" for i, y, _ in pts) + '"/>')
+    for role in dict.fromkeys(r for _, _, r in pts):  # one line per role: user and assistant turns alternate
+        out.append(f'<polyline fill="none" stroke="{ROLE_COLOURS.get(role, "#1b9e77")}" stroke-width="1.5" '
+                   'stroke-opacity="0.8" points="'
+                   + " ".join(f"{X(i):.1f},{Y(y):.1f}" for i, y, r in pts if r == role) + '"/>')
     for i, y, role in pts:
         out.append(f'<circle cx="{X(i):.1f}" cy="{Y(y):.1f}" r="4.5" fill="{ROLE_COLOURS.get(role, "#1b9e77")}">'
                    f'<title>turn {i} ({html.escape(role)}): {y:.4g}</title></circle>')
@@ -373,7 +376,7 @@ def _legend(centre: float, scale: float) -> str:
     return (f'<div class="legend"><div class="bar" style="background:linear-gradient(to right, {stops})"></div>'
             f'<div class="ticks"><span>&le; {centre - scale:.4g}</span><span>{centre:.4g}</span>'
             f'<span>&ge; {centre + scale:.4g}</span></div>'
-            f'<div class="roles">turn markers: {roles}</div></div>')
+            f'<div class="roles">turn plot: {roles}</div></div>')
 
 
 _CSS = """
