@@ -21,6 +21,7 @@ setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "scipy>=1.11",
         "openai>=1.50",
     ],
     extras_require={

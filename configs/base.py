@@ -55,6 +55,7 @@ def get_config():
         layer=config_dict.placeholder(int),  # None: the layer the steering step chose (else the last)
         n_questions=0, n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size=64, chunk_size=1024,
+        shots=(0, 5, 10, 15, 20),  # file traits: many-shot counts from the kept pos responses; () = none
     ))
 
     # METHOD.md 8: LoRA SFT, then shift / preventative / CAFT / post-hoc (step "finetune")

@@ -16,11 +16,20 @@ def _pairs(x, y):
 
 
 def pearson(x, y) -> float:
-    """Pearson r; NaN under 3 pairs or when a side is constant."""
+    """Pearson r (`pearson_test`'s first value)."""
+    return pearson_test(x, y)[0]
+
+
+def pearson_test(x, y) -> tuple[float, float]:
+    """(r, two-sided p) by scipy.stats.pearsonr over the pairs where both values are
+    finite; (NaN, NaN) for fewer than 3 such pairs or a constant side."""
     x, y = _pairs(x, y)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(stats.pearsonr(x, y).statistic)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    res = stats.pearsonr(x, y)
+    return float(res.statistic), float(res.pvalue)
 
 
 def spearman(x, y) -> float:

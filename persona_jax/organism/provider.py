@@ -35,7 +35,9 @@ class OrganismTraits:
     def eval_trait(self, name: str) -> Trait:
         return self._trait(name, "eval")
 
-    def conditions(self, name: str) -> list[Condition]:
+    def conditions(self, name: str, many_shot=None) -> list[Condition]:
+        """The organism's own ladder and many-shot prompts (`many_shot`, the file traits'
+        source of examples, is not used: the organism writes its examples by code)."""
         conds = [Condition(r.label, r.system) for r in artifacts.system_prompt_ladder(name)]
         conds.append(Condition("none"))
         if self.many_shots:

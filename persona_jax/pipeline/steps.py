@@ -33,7 +33,7 @@ class TraitSource(Protocol):
 
     def extract_trait(self, name: str) -> Trait: ...
     def eval_trait(self, name: str) -> Trait: ...
-    def conditions(self, name: str) -> list[mon.Condition]: ...
+    def conditions(self, name: str, many_shot=None) -> list[mon.Condition]: ...
     def strongest_pos_system(self, name: str) -> str: ...
 
 
@@ -41,7 +41,8 @@ class TraitSource(Protocol):
 class FileTraits:
     """Reference layout: `{root}/trait_data_extract/{name}.json`, `{root}/trait_data_eval/{name}.json`.
 
-    Monitoring conditions: every neg instruction, no system prompt, every pos instruction.
+    Monitoring conditions (`method.conditions`): the graded ladder made from instruction
+    pair 0, and many-shot prompts from the extraction step's kept pos responses.
     """
 
     root: str
@@ -53,11 +54,9 @@ class FileTraits:
     def eval_trait(self, name):
         return load_trait(trait_paths(self.root, name)[1], name=name)
 
-    def conditions(self, name):
-        t = self.extract_trait(name)
-        neg = [mon.Condition(f"neg{k}", system_prompt(name, self.antonym, p["neg"])) for k, p in enumerate(t.instruction)]
-        pos = [mon.Condition(f"pos{k}", system_prompt(name, name, p["pos"])) for k, p in enumerate(t.instruction)]
-        return neg + [mon.Condition("none")] + pos
+    def conditions(self, name, many_shot=None):
+        from persona_jax.method.conditions import file_trait_conditions
+        return file_trait_conditions(self.extract_trait(name), self.antonym, many_shot)
 
     def strongest_pos_system(self, name):
         t = self.extract_trait(name)
@@ -271,7 +270,10 @@ def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workd
     trait = source.eval_trait(name)
     questions = list(trait.questions)[: int(m.n_questions)] if m.n_questions else list(trait.questions)
     vector = load_step_vector(workdir, name, m.reduction, model)
-    result = mon.run_conditions(model, vector, layer, source.conditions(name), questions, judge, name,
+    from persona_jax.method.conditions import SHOTS, ManyShotSource
+    rule = ex.FilterRule(float(cfg.extract.threshold), float(cfg.extract.coherence_threshold))
+    many_shot = ManyShotSource(*ex.csv_paths(d, name), rule, tuple(m.get("shots", SHOTS)), int(cfg.seed))
+    result = mon.run_conditions(model, vector, layer, source.conditions(name, many_shot), questions, judge, name,
                                 trait.eval_prompt, os.path.join(d, "monitor.csv"), sampling_from(m, cfg.seed + 2),
                                 int(m.n_per_question), progress=progress)
     mon.plot_monitor(result, os.path.join(d, "monitoring.png"), name)
@@ -338,7 +340,12 @@ def write_markdown(report: dict, path: str):
                       for j, (c, t, h) in enumerate(zip(st["coefs"], st["trait_scores"], st["coherence"]))]
             lines += ["", f"![steering]({name}/steering.png)"]
         if e.get("monitoring"):
-            lines += ["", f"![monitoring]({name}/monitoring.png)"]
+            mo = e["monitoring"]
+            lines += ["", f"Monitoring at layer {mo['layer']}: Pearson r of the last-prompt-token projection and the "
+                      f"trait score over condition means {_fmt(mo.get('pearson_r'), 3)}, over (condition, question) "
+                      f"points {_fmt(mo.get('pearson_r_points'), 3)}, within a condition (mean) "
+                      f"{_fmt(mo.get('pearson_r_within'), 3)}.",
+                      "", f"![monitoring]({name}/monitoring.png)"]
         for step in e:
             if step not in ("extraction", "steering", "monitoring", "layer") and isinstance(e[step], dict) and "markdown" in e[step]:
                 lines += ["", e[step]["markdown"]]
