@@ -320,10 +320,10 @@ class _Batcher:
 
 
 def _eval_loss(spec, trainable, frozen, examples, rows, mesh, pad_id) -> float:
-    order = np.argsort([-len(e) for e in examples], kind="stable")
+    _, batches = batching.by_length([len(e) for e in examples], rows, mesh, longest_first=True)
     total, count = 0.0, 0.0
-    for i in range(0, len(order), rows):
-        tokens, attn, loss = fdata.pad_examples(examples, order[i:i + rows], rows, pad_id=pad_id)
+    for idx in batches:
+        tokens, attn, loss = fdata.pad_examples(examples, idx[idx >= 0], rows, pad_id=pad_id)
         tokens, attn, loss = batching.place(mesh, tokens, attn, loss)
         s, n = _eval_step(spec, trainable, frozen, {"tokens": tokens, "attention_mask": attn, "loss_mask": loss})
         total += float(s)

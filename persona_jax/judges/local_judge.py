@@ -47,11 +47,7 @@ def candidate_logprobs(config, params, prompt, prompt_mask, cand, cand_len):
     s = p + tc
     dtype = params["embed_tokens"]["embedding"].dtype
     cache = empty_cache(c, 1, s, dtype)
-    n_real = prompt_mask.sum()
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    kv_valid = jnp.zeros((1, s), bool).at[:, :p].set(prompt_mask.astype(bool))
-    kv_pos = jnp.concatenate([positions, n_real + jnp.arange(tc)[None]], axis=1)
-    ctx = apply.make_ctx(prompt_mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    ctx, n_real, kv_pos = apply.prefill_ctx(prompt_mask, s)
     first_logits, _, cache = apply.decoder_apply(c, params, prompt, ctx, cache=cache, logits="last")
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], n) + x.shape[2:]), cache)
     cmask = (jnp.arange(tc)[None] < cand_len[:, None])

@@ -252,8 +252,31 @@ class Embedding(nn.Module):
         del ctx  # read by interceptors (intervention position masks, readout weights)
         return scale_embedding(self.config, jnp.take(self.embedding, tokens, axis=0))
 
-    def attend(self, h):
-        return h @ self.embedding.T
+    def head_kernel(self):
+        """The tied LM head's [D, V] weight."""
+        return self.embedding.T
+
+
+class _Weight(nn.Module):
+    """One bare parameter named `kernel` (the untied LM head, [D, V])."""
+
+    shape: tuple
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
+
+
+def head_kernel(c: DecoderConfig, params):
+    """The LM head's [D, V] weight in a param tree (the embedding's transpose when tied)."""
+    return params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
+
+
+def lm_logits(c: DecoderConfig, h, kernel):
+    """h [..., D] after the final norm -> float32 logits [..., V]: h @ kernel, then the
+    final-logit soft-cap. The one definition for `Decoder` and the per-layer decode step."""
+    return softcap((h @ kernel).astype(jnp.float32), c.final_logit_softcap)
 
 
 class Decoder(nn.Module):
@@ -298,11 +321,9 @@ class Decoder(nn.Module):
         if logits == "last":  # sampling needs only the last position's logits
             h = h[:, -1:]
         if logits != "none":
-            if c.tie_word_embeddings:
-                out = embed.attend(h)
-            else:
-                out = _dense(c.vocab_size, False, self.dtype, "lm_head")(h)
-            out = softcap(out.astype(jnp.float32), c.final_logit_softcap)
+            kernel = (embed.head_kernel() if c.tie_word_embeddings
+                      else _Weight((c.hidden_size, c.vocab_size), self.dtype, name="lm_head")())
+            out = lm_logits(c, h, kernel)
         return out, h_final, new_cache
 
 
@@ -323,6 +344,22 @@ def make_ctx(attention_mask, positions=None, cache_index=0, kv_valid=None, kv_po
         "cache_index": jnp.asarray(cache_index, jnp.int32),
     }
     return ctx
+
+
+def prefill_ctx(mask, cache_len: int):
+    """Context of a left-padded prompt prefill into an empty cache of `cache_len` slots.
+
+    mask: [B, P] (1 = real token). Prompt slots get their real positions; the slots after
+    the prompt get the positions the following tokens will have (n_prompt, n_prompt + 1, ...).
+    Returns (ctx, n_prompt [B], kv_pos [B, cache_len]); decode steps reuse kv_pos.
+    """
+    b, p = mask.shape
+    n_prompt = mask.sum(axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
+    kv_pos = jnp.concatenate(
+        [positions, n_prompt[:, None] + jnp.arange(cache_len - p)[None]], axis=1).astype(jnp.int32)
+    return make_ctx(mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos), n_prompt, kv_pos
 
 
 def init_params(config: DecoderConfig, rng, dtype=jnp.float32):

@@ -18,7 +18,7 @@ from persona_jax.steering.sites import Layout, Site
 from persona_jax.model import sharding as sh
 from persona_jax.model.config import DecoderConfig
 from persona_jax.model.decoder import (MLP, Attention, Block, Decoder, Embedding, init_params,  # noqa: F401 (the apply API)
-                                       make_ctx, param_shapes)
+                                       make_ctx, param_shapes, prefill_ctx)
 
 
 # Our decoder's intervention sites: one instance of the generic mechanism.

@@ -61,3 +61,29 @@ def to_host(x) -> np.ndarray:
 
 def grow_batch(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def by_length(lengths, batch_size: int, mesh, longest_first: bool = False) -> tuple[int, list[np.ndarray]]:
+    """Sort rows by length and cut them into batches (sort -> pad -> place -> unsort).
+
+    lengths: [N] token counts. The batch size is `batch_size` (at most N) grown to a
+    multiple of the mesh's data axis, so every batch has the same row count Bp.
+    Returns (Bp, batches): each batch an int array [Bp] of row indices in length order,
+    padded with -1 for rows that only fill it. Callers write each result back to its
+    row index, which undoes the sort.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths if longest_first else lengths, kind="stable")
+    bs = grow_batch(min(batch_size, len(order)), batch_multiple(mesh))
+    batches = []
+    for start in range(0, len(order), bs):
+        rows = np.full(bs, -1)
+        chunk = order[start:start + bs]
+        rows[: len(chunk)] = chunk
+        batches.append(rows)
+    return bs, batches
+
+
+def batch_seqs(seqs, rows: np.ndarray, filler=(0,)) -> list:
+    """The sequences of one `by_length` batch; padding rows (-1) get `filler`."""
+    return [seqs[r] if r >= 0 else list(filler) for r in rows]

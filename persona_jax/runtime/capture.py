@@ -89,20 +89,18 @@ def capture(model, prompts: Sequence[str], responses: Sequence[str], batch_size:
         raise PersonaError("capture: every response is empty, nothing to capture")
     L1, D = model.num_layers + 1, model.hidden_size
     out = np.zeros((3, len(kept), L1, D), np.float32)
-    order = sorted(range(len(kept)), key=lambda j: len(full_ids[kept[j]]))
-    bs = batching.grow_batch(min(batch_size, len(kept)), batching.batch_multiple(model.mesh))
-    for start in tqdm(range(0, len(order), bs), desc="capture", disable=not progress):
-        js = order[start:start + bs]
-        seqs = [full_ids[kept[j]] for j in js] + [[0]] * (bs - len(js))
-        length = length_bucket(max(len(s) for s in seqs))
-        tokens, _ = batching.pad_rows(seqs, length, model.pad_token_id, left=False)
-        pl = np.zeros(bs, np.int32)
-        tl = np.zeros(bs, np.int32)
-        pl[: len(js)] = [len(p_ids[kept[j]]) for j in js]
-        tl[: len(js)] = [len(full_ids[kept[j]]) for j in js]
+    full = [full_ids[i] for i in kept]
+    prompt_lens = np.array([len(p_ids[i]) for i in kept], np.int32)
+    bs, batches = batching.by_length([len(s) for s in full], batch_size, model.mesh)
+    for rows in tqdm(batches, desc="capture", disable=not progress):
+        seqs = batching.batch_seqs(full, rows)
+        tokens, _ = batching.pad_rows(seqs, length_bucket(max(len(s) for s in seqs)), model.pad_token_id, left=False)
+        real = rows >= 0
+        pl = np.where(real, prompt_lens[np.maximum(rows, 0)], 0).astype(np.int32)
+        tl = np.where(real, [len(s) for s in seqs], 0).astype(np.int32)
         tokens, pl, tl = batching.place(model.mesh, tokens, pl, tl)
         res = batching.to_host(capture_arrays(model.config, model.params, tokens, pl, tl))
-        out[:, js] = res[:, : len(js)]
+        out[:, rows[real]] = res[:, real]
     result = {name: out[i] for i, name in enumerate(REDUCTIONS)}
     result["kept"] = np.asarray(kept)
     return result

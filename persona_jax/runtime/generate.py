@@ -23,7 +23,7 @@ from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.steering import interceptor as iv
 from persona_jax.errors import PersonaError
-from persona_jax.model.decoder import Block, Embedding, empty_cache, norm, softcap
+from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
 from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays
 
 
@@ -144,11 +144,7 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
             h, cache_l = Block(c, dtype).apply(variables(layers[l], rows[l + 1]), h, layer_in, ctx)
             new_caches.append(cache_l)
     h = norm(c, dtype).apply({"params": params["norm"]}, h[:, -1])
-    if c.tie_word_embeddings:
-        logits = h @ params["embed_tokens"]["embedding"].T
-    else:
-        logits = h @ params["lm_head"]["kernel"]
-    return softcap(logits.astype(jnp.float32), c.final_logit_softcap), new_caches
+    return lm_logits(c, h, head_kernel(c, params)), new_caches
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len", "scan_decode"))
@@ -187,12 +183,8 @@ def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k,
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
     cache = empty_cache(c, b, cache_len, dtype)
-    n_prompt = mask.sum(axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(mask.astype(bool))
-    kv_pos = jnp.concatenate(
-        [positions, n_prompt[:, None] + jnp.arange(cache_len - p)[None]], axis=1).astype(jnp.int32)
-    ctx = apply.make_ctx(mask, positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    ctx, n_prompt, kv_pos = apply.prefill_ctx(mask, cache_len)
+    kv_valid = ctx["kv_valid"]
     ctx.update(prefill_pos or {})
     logits, _, cache = apply.decoder_apply(
         c, params, tokens, ctx, interventions=interventions, cache=cache, logits="last")
@@ -297,16 +289,12 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
                         use_top_k=top_k is not None, use_top_p=top_p < 1.0,
                         eos_ids=model.eos_token_ids, pad_id=model.pad_token_id)
     base_key = jax.random.PRNGKey(seed)
-    order = np.argsort([len(s) for s in ids], kind="stable")
-    mult = batching.batch_multiple(model.mesh)
-    bs = batching.grow_batch(min(batch_size, len(ids)), mult)
+    bs, batches = batching.by_length([len(s) for s in ids], batch_size, model.mesh)
     new_tokens: list[list[int]] = [None] * len(ids)  # type: ignore[list-item]
-    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-    for rows in tqdm(batches, desc="generate", disable=not progress):
-        rows_p = np.full(bs, -1)
-        rows_p[: len(rows)] = rows
+    for rows_p in tqdm(batches, desc="generate", disable=not progress):
+        rows = rows_p[rows_p >= 0]
+        seqs = batching.batch_seqs(ids, rows_p, filler=[model.pad_token_id])
         p_len = batching.bucket(max(len(ids[r]) for r in rows))
-        seqs = [ids[r] if r >= 0 else [model.pad_token_id] for r in rows_p]
         tokens, mask = batching.pad_rows(seqs, p_len, model.pad_token_id, left=True)
         keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(np.maximum(rows_p, 0)))
         interventions = prefill_pos = decode_pos = None
