@@ -9,7 +9,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_steps(steps):
     """Run the given pipeline steps (None = the config's own list)."""
-    from persona_jax.pipeline import steps as pipeline
+    from persona_jax.pipeline import registry
     from persona_jax.pipeline import setup as runner
 
     cfg = CONFIG.value
@@ -17,14 +17,11 @@ def run_steps(steps):
         with cfg.unlocked():
             cfg.steps = tuple(steps)
     model, judge, source = runner.setup(cfg, WORKDIR.value)
-    extra = {}
-    if any(s in cfg.steps for s in ("finetune", "flagging")):
-        from persona_jax.pipeline import finetune_steps
-        extra = finetune_steps.EXTRA_STEPS
-    return pipeline.run(model, judge, source, cfg, WORKDIR.value, extra_steps=extra, progress=cfg.progress)
+    return registry.run(model, judge, source, cfg, WORKDIR.value, progress=cfg.progress)
 
 
 def steps_through(step):
     """A single-step runner also runs the earlier steps it depends on (finished ones are skipped)."""
-    order = ["extract", "steer", "monitor"]
-    return order[: order.index(step) + 1]
+    from persona_jax.pipeline import registry
+
+    return registry.steps_through(step)

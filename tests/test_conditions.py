@@ -129,7 +129,7 @@ def tiny(tmp_path_factory):
 
 def test_file_trait_ladder_and_many_shot_through_the_pipeline(tmp_path, tiny):
     from configs import base
-    from persona_jax.pipeline import steps
+    from persona_jax.pipeline import registry, steps
 
     root = tmp_path / "traits"
     save_trait_splits(make_trait(8), root, n_extract=4)  # 4 extraction, 4 evaluation questions
@@ -146,7 +146,7 @@ def test_file_trait_ladder_and_many_shot_through_the_pipeline(tmp_path, tiny):
     for c in (cfg.extract, cfg.monitor):
         c.batch_size, c.chunk_size = 64, 256
     wd = tmp_path / "run"
-    report = steps.run(tiny, FakeJudge(), steps.FileTraits(str(root), "cheerful"), cfg, str(wd), progress=False)
+    report = registry.run(tiny, FakeJudge(), steps.FileTraits(str(root), "cheerful"), cfg, str(wd), progress=False)
     mo = report["traits"]["gloomy"]["monitoring"]
 
     # the kept pos rows, by pandas over the extraction CSVs (the reference's rule, 50/50)

@@ -1,8 +1,8 @@
 """Pipeline steps of METHOD.md 8-9: fine-tuning shift, preventative steering, CAFT,
 post-hoc mitigation, and flagging data before training.
 
-`EXTRA_STEPS` plugs them into `persona_jax.pipeline.steps.run` (the `finetune` and `flagging`
-steps of a config). Datasets and the content metric come from the trait source
+`pipeline/registry.py` runs them after extract, steer and monitor (the `finetune` and
+`flagging` steps of a config). Datasets and the content metric come from the trait source
 (`finetune_datasets`, `flagging_dataset`, `content_metric`), so the organism and real
 models share this code. Every run writes a `{trait}/finetune.json` / `flagging.json`
 summary, so a killed pipeline resumes at the first unfinished step; each training run
@@ -23,8 +23,8 @@ from persona_jax.io.csvio import read_csv
 from persona_jax.io.distributed import writer_only
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
-from persona_jax.finetune import lora as flora
-from persona_jax.finetune.trainer import TrainConfig, train
+from persona_jax.finetune import options
+from persona_jax.finetune.trainer import train
 from persona_jax.judges.base import judge_csv
 from persona_jax.model.checkpoint import Model
 from persona_jax.method.stats import auroc, pearson, spearman
@@ -53,13 +53,6 @@ def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_pro
             "content": source.content_metric(qs, ans), "means": {k: v.tolist() for k, v in means.items()}}
 
 
-def _train_config(f, seed) -> TrainConfig:
-    return TrainConfig(learning_rate=float(f.learning_rate), warmup_steps=int(f.warmup_steps),
-                       batch_size=int(f.batch_size), grad_accum=int(f.grad_accum), num_steps=int(f.num_steps) or None,
-                       epochs=1, seed=seed, compute_dtype=f.compute_dtype, checkpoint_every=int(f.checkpoint_every),
-                       weight_decay=float(f.weight_decay), remat=bool(f.remat), progress=bool(f.progress))
-
-
 def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) -> Model:
     """Fine-tune (full or LoRA, per cfg.finetune.method) on a reference JSONL; returns the tuned Model."""
     f = cfg.finetune
@@ -68,13 +61,7 @@ def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) 
     if stats.n_truncated or stats.n_dropped:
         logging.warning("%s: %d truncated, %d dropped (max_length %d)", jsonl, stats.n_truncated, stats.n_dropped,
                         f.max_length)
-    lora = None
-    if f.method == "lora":
-        lora = flora.LoraConfig(rank=int(f.lora_rank), alpha=float(f.lora_alpha), rslora=bool(f.rslora),
-                                targets=tuple(f.lora_targets))
-    elif f.method != "full":
-        raise PersonaError(f"finetune.method must be 'full' or 'lora'; got {f.method!r}")
-    result = train(model.config, model.params, examples, _train_config(f, cfg.seed), lora=lora,
+    result = train(model.config, model.params, examples, options.train_config(f, cfg.seed), lora=options.lora_config(f),
                    steerings=steerings, mesh=model.mesh, workdir=workdir, pad_id=model.pad_token_id)
     return dataclasses.replace(model, params=result.merged_params(), name=f"{model.name}+{os.path.basename(workdir)}")
 
@@ -89,7 +76,7 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     layer = int(entry["layer"])
     vector = pl.load_step_vector(workdir, name, f.reduction, model)
     trait = source.eval_trait(name)
-    questions = list(trait.questions)[: int(f.n_questions)] if f.n_questions else list(trait.questions)
+    questions = pl.first_questions(trait, f.n_questions)
     datasets = source.finetune_datasets(name, os.path.join(d, "data"), cfg)  # {label: (path, fraction)}
     ev = lambda m, label, steering=None: evaluate(m, judge, source, name, questions, trait.eval_prompt,
                                                   os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering,
@@ -262,5 +249,3 @@ def _markdown(name, s) -> str:
                   f"{g(r['shift_prompt_last'])} | {g(r['shift_response_avg'])} |" for k, r in s["datasets"].items()]
     return "\n".join(lines)
 
-
-EXTRA_STEPS = {"finetune": step_finetune, "flagging": step_flagging}

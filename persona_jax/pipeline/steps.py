@@ -29,12 +29,25 @@ from persona_jax.io.distributed import writer_only
 
 
 class TraitSource(Protocol):
-    """Where a pipeline gets a trait's artifacts and its monitoring conditions."""
+    """Where a pipeline gets everything trait-specific: artifacts, monitoring conditions,
+    fine-tuning and flagging datasets, and the content metric of fine-tuning runs
+    (`FileTraits` for the reference's files, `OrganismTraits` for the organism)."""
 
     def extract_trait(self, name: str) -> Trait: ...
     def eval_trait(self, name: str) -> Trait: ...
     def conditions(self, name: str, many_shot=None) -> list[mon.Condition]: ...
     def strongest_pos_system(self, name: str) -> str: ...
+    # {label: (jsonl path, trait level or NaN when unknown)}; written under out_dir when made by code
+    def finetune_datasets(self, name: str, out_dir: str, cfg) -> dict: ...
+    # (jsonl path, per-sample 0/1 labels or None for an unlabelled corpus)
+    def flagging_dataset(self, name: str, out_dir: str, cfg) -> tuple: ...
+    # a 0..100 measure of what fine-tuning teaches besides the trait (None when there is none)
+    def content_metric(self, questions, answers) -> Optional[float]: ...
+
+
+def first_questions(trait: Trait, n) -> list[str]:
+    """The first `n` questions of a trait's split; all of them when n is 0 (the configs' default)."""
+    return list(trait.questions)[: int(n)] if n else list(trait.questions)
 
 
 @dataclasses.dataclass
@@ -204,7 +217,7 @@ def step_steer(model, judge: Judge, source: TraitSource, name: str, cfg, workdir
     s = cfg.steer
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
-    questions = list(trait.questions)[: int(s.n_questions)] if s.n_questions else list(trait.questions)
+    questions = first_questions(trait, s.n_questions)
     vector = load_step_vector(workdir, name, s.reduction, model)
     sampling = sampling_from(s, cfg.seed + 1)
     layers = [int(l) for l in s.layers] or list(range(1, model.num_layers + 1))
@@ -268,7 +281,7 @@ def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workd
     m = cfg.monitor
     d = os.path.join(workdir, name)
     trait = source.eval_trait(name)
-    questions = list(trait.questions)[: int(m.n_questions)] if m.n_questions else list(trait.questions)
+    questions = first_questions(trait, m.n_questions)
     vector = load_step_vector(workdir, name, m.reduction, model)
     from persona_jax.method.conditions import SHOTS, ManyShotSource
     rule = ex.FilterRule(float(cfg.extract.threshold), float(cfg.extract.coherence_threshold))
@@ -278,37 +291,6 @@ def step_monitor(model, judge: Judge, source: TraitSource, name: str, cfg, workd
                                 int(m.n_per_question), progress=progress)
     mon.plot_monitor(result, os.path.join(d, "monitoring.png"), name)
     return result
-
-
-STEPS = ("extract", "steer", "monitor")
-
-
-def run(model, judge: Judge, source: TraitSource, cfg, workdir: str, extra_steps=None, progress=True) -> dict:
-    """Run the configured steps for every trait; write report.json and report.md."""
-    os.makedirs(workdir, exist_ok=True)
-    unknown = [s for s in cfg.steps if s not in STEPS and s not in (extra_steps or {})]
-    if unknown:
-        raise PersonaError(f"unknown pipeline step(s) {unknown}; known: {', '.join(list(STEPS) + list(extra_steps or {}))}")
-    report = {"model": model.name, "config": cfg.to_dict(), "traits": {}}
-    for name in cfg.traits:
-        logging.info("trait %s", name)
-        entry = {}
-        if "extract" in cfg.steps:
-            entry["extraction"] = step_extract(model, judge, source, name, cfg, workdir, progress)
-        layer = None if cfg.monitor.layer is None else int(cfg.monitor.layer)
-        if "steer" in cfg.steps:
-            entry["steering"] = step_steer(model, judge, source, name, cfg, workdir, progress)
-            layer = entry["steering"]["layer"] if layer is None else layer
-        entry["layer"] = model.num_layers if layer is None else layer
-        if "monitor" in cfg.steps:
-            entry["monitoring"] = step_monitor(model, judge, source, name, cfg, workdir, entry["layer"], progress)
-        for step, fn in (extra_steps or {}).items():
-            if step in cfg.steps:
-                entry[step] = fn(model, judge, source, name, cfg, workdir, entry)
-        report["traits"][name] = entry
-        write_summary(os.path.join(workdir, "report.json"), report)
-    write_markdown(report, os.path.join(workdir, "report.md"))
-    return report
 
 
 def _fmt(x, nd=1):
