@@ -197,3 +197,19 @@ def test_runner_writes_csvs_and_a_self_contained_page(tiny, tmp_path):
     r = subprocess.run(cmd[:-1] + ["--layer=7", f"--out={bad}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: layer 7 is outside")
     assert not bad.exists()
+
+
+def test_sharded_equals_single_device(tiny):
+    """Batch over the mesh's data axis, weights over its model axis: the same projections."""
+    from persona_jax.model import load_model
+    from persona_jax.model import sharding as sh
+
+    model, _, vec, d = tiny
+    sharded = load_model(str(d), mesh=sh.make_mesh(2, 2))
+    convs = CONVS + [CONVS[1][:1]]  # 3 conversations: the batch is padded to the data axis
+    want = tm.token_projections(model, vec, LAYER, convs, batch_size=3)
+    got = tm.token_projections(sharded, vec, LAYER, convs, batch_size=3)
+    for a, b in zip(want, got):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.turn.tolist() == b.turn.tolist()
+        np.testing.assert_allclose(b.projections, a.projections, rtol=1e-4, atol=1e-4)
+        assert [t.mean for t in b.turns] == pytest.approx([t.mean for t in a.turns], rel=1e-4, abs=1e-4)

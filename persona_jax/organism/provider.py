@@ -38,12 +38,14 @@ class OrganismTraits:
     def conditions(self, name: str, many_shot=None) -> list[Condition]:
         """The organism's own ladder and many-shot prompts (`many_shot`, the file traits'
         source of examples, is not used: the organism writes its examples by code)."""
-        conds = [Condition(r.label, r.system) for r in artifacts.system_prompt_ladder(name)]
-        conds.append(Condition("none"))
+        conds = [Condition(r.label, r.system, group="ladder", level=r.strength)
+                 for r in artifacts.system_prompt_ladder(name)]
+        conds.append(Condition("none", group="ladder", level=0.0))
         if self.many_shots:
             q = self.eval_trait(name).questions[0]
             convs = artifacts.many_shot_prompts(name, q, max_shots=self.many_shots)
-            conds += [Condition(f"{n}_shots", None, convs[n][:-1]) for n in range(1, self.many_shots + 1)]
+            conds += [Condition(f"{n}_shots", None, convs[n][:-1], group="many_shot", level=float(n))
+                      for n in range(1, self.many_shots + 1)]
         return conds
 
     def strongest_pos_system(self, name: str) -> str:
