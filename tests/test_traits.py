@@ -260,6 +260,27 @@ def test_openai_llm_over_real_sdk(tmp_path, monkeypatch):
     assert len(t.questions) == 40 and (tmp_path / "trait_data_eval" / "evil.json").is_file()
 
 
+def test_openai_llm_retries_under_the_judges_policy(tmp_path, monkeypatch):
+    """The generator shares the judge's retry policy: 429 and 500 are retried with
+    backoff, a refused request (401) is not."""
+    monkeypatch.setenv("GEN_KEY", "k")
+    with FakeOpenAIServer(responder=lambda prompt: gen_answer(), script=["429", "500"]) as srv:
+        llm = openai_llm("gen-model", base_url=srv.url, api_key_env="GEN_KEY", retry_base_delay=0.01)
+        generate_trait_artifacts("evil", "Wants harm.", llm, out_dir=tmp_path)
+        assert srv.n_requests == 3
+    with FakeOpenAIServer(responder=lambda prompt: gen_answer(), script=["401"]) as srv:
+        llm = openai_llm("gen-model", base_url=srv.url, api_key_env="GEN_KEY", retry_base_delay=0.01)
+        with pytest.raises(PersonaError, match="HTTP 401"):
+            llm("hello")
+        assert srv.n_requests == 1
+    with FakeOpenAIServer(responder=lambda prompt: gen_answer(), script=["500"] * 3) as srv:
+        llm = openai_llm("gen-model", base_url=srv.url, api_key_env="GEN_KEY", max_retries=2,
+                         retry_base_delay=0.01)
+        with pytest.raises(PersonaError, match="after 3 attempts .last: HTTP 500"):
+            llm("hello")
+        assert srv.n_requests == 3
+
+
 def test_provider_errors(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(PersonaError, match="NO_SUCH_KEY"):

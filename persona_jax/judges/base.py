@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from persona_jax.errors import PersonaError
+
 Score = Optional[float]
 
 
@@ -85,28 +87,54 @@ def judge_csv(
 ) -> dict:
     """Fill the `<trait>` and `coherence` columns of a reference response CSV in place.
 
-    Only rows whose cell is empty are judged, `chunk_size` rows at a time, and the whole
-    CSV is rewritten atomically after each chunk: a kill loses at most the chunk in flight
-    and a rerun continues where it stopped. A None score is written as an empty cell, so a
-    rerun asks again for those rows (free with a cached judge).
+    For a CSV on disk (a runner judging a file); the pipeline's steps judge their rows
+    in memory with `judge_rows`. Returns {"rows": n, "judged": rows sent to the judge
+    now, "trait_missing": empty trait cells after the run, "coherence_missing": same for
+    coherence (0 when coherence=False)}.
+    """
+    from persona_jax.io.csvio import read_csv
+
+    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
+    fieldnames, rows, judged = _judge_rows(judge, fieldnames, rows, csv_path, trait, eval_prompt,
+                                           chunk_size, coherence, progress)
+    return {**_missing(fieldnames, rows, trait, coherence), "judged": judged}
+
+
+def judge_rows(
+    judge: Judge,
+    fieldnames: list[str],
+    rows: list[dict],
+    csv_path,
+    trait: str,
+    eval_prompt: str,
+    *,
+    chunk_size: int = 256,
+    coherence: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Judge the empty `<trait>` / `coherence` cells of response rows held in memory,
+    rewriting `csv_path` (columns `fieldnames`) atomically after each chunk.
+
+    Only rows whose cell is empty are judged, `chunk_size` rows at a time: a kill loses at
+    most the chunk in flight and a rerun continues where it stopped. A None score is an
+    empty cell, so a rerun asks again for those rows (free with a cached judge). Returns
+    the rows with their scores (on several hosts with an API judge, process 0 asks and
+    the others read the CSV it wrote).
 
     Args:
       judge: any `Judge`.
-      csv_path: CSV with at least `question` and `answer` columns; score columns are added
-        (in reference order) when absent.
-      trait: name of the trait column.
-      eval_prompt: the trait rubric ({question}, {answer}).
-      chunk_size: rows judged between two rewrites.
-      coherence: also fill the `coherence` column.
-
-    Returns:
-      {"rows": n, "judged": rows sent to the judge now, "trait_missing": empty trait cells
-       after the run, "coherence_missing": same for coherence (0 when coherence=False)}.
+      fieldnames, rows: the response rows (`question`, `answer`, ...) and their CSV columns;
+        score columns are added (in reference order) when absent.
+      trait: name of the trait column; eval_prompt: the trait rubric ({question}, {answer}).
     """
+    return _judge_rows(judge, list(fieldnames), rows, csv_path, trait, eval_prompt, chunk_size, coherence,
+                       progress)[1]
+
+
+def _judge_rows(judge, fieldnames, rows, csv_path, trait, eval_prompt, chunk_size, coherence, progress):
     import jax
 
     from persona_jax.io.csvio import RESPONSE_COLUMNS
-    from persona_jax.errors import PersonaError
 
     if trait in RESPONSE_COLUMNS or trait == "coherence" or not trait:
         raise PersonaError(
@@ -114,8 +142,8 @@ def judge_csv(
             "use the trait's own name such as 'evil'."
         )
     if chunk_size < 1:
-        raise PersonaError(f"judge_csv chunk_size={chunk_size} is invalid; use 1 or more.")
-    args = (judge, csv_path, trait, eval_prompt, chunk_size, coherence, progress)
+        raise PersonaError(f"judge chunk_size={chunk_size} is invalid; use 1 or more.")
+    args = (judge, fieldnames, rows, csv_path, trait, eval_prompt, chunk_size, coherence, progress)
     if jax.process_count() == 1 or judge.collective:
         return _fill_scores(*args)
     # several hosts, a judge that needs no collective: process 0 asks, the others wait
@@ -126,8 +154,9 @@ def judge_csv(
     from persona_jax.io.distributed import writer_only
 
     done = writer_only(_fill_scores)(*args)
-    judged = int(multihost_utils.broadcast_one_to_all(np.int32(done["judged"] if done else 0)))
-    return {**_missing(*read_csv(csv_path, required=("question", "answer")), trait, coherence), "judged": judged}
+    judged = int(multihost_utils.broadcast_one_to_all(np.int32(done[2] if done else 0)))
+    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
+    return fieldnames, rows, judged
 
 
 def _empty(r, col) -> bool:
@@ -144,13 +173,13 @@ def _missing(fieldnames, rows, trait: str, coherence: bool) -> dict:
     }
 
 
-def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, progress) -> dict:
-    """`judge_csv`'s work on one process: judge the empty cells, rewrite the CSV per chunk."""
+def _fill_scores(judge, fieldnames, rows, csv_path, trait, eval_prompt, chunk_size, coherence, progress):
+    """The work on one process: judge the empty cells, rewrite the CSV per chunk.
+    Returns (fieldnames, rows, rows judged now)."""
     from tqdm.auto import tqdm
 
-    from persona_jax.io.csvio import format_score, read_csv, write_csv_atomic
+    from persona_jax.io.csvio import format_score, write_csv_atomic
 
-    fieldnames, rows = read_csv(csv_path, required=("question", "answer"))
     score_cols = [trait] + (["coherence"] if coherence else [])
     for col in score_cols:
         if col not in fieldnames:
@@ -180,4 +209,4 @@ def _fill_scores(judge, csv_path, trait, eval_prompt, chunk_size, coherence, pro
         write_csv_atomic(csv_path, fieldnames, rows)
         bar.update(len(chunk))
     bar.close()
-    return {**_missing(fieldnames, rows, trait, coherence), "judged": len(pending)}
+    return fieldnames, rows, len(pending)

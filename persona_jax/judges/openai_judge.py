@@ -31,6 +31,28 @@ TopLogprobs = dict  # {token: logprob}
 _RETRY_STATUS = (408, 409, 429)
 
 
+def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
+    """Seconds before retry number `attempt` + 1: min(max_delay, base_delay * 2**attempt)
+    times a jitter in [0.5, 1] (jitter spreads out synchronized retries)."""
+    return min(max_delay, base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def retry_reason(exc, timeout: float) -> Optional[str]:
+    """Why a failed OpenAI SDK call may be retried (408/409/429/5xx, a timeout, a lost
+    connection), or None when it may not. The project's one retry policy: the judge and
+    the trait-artifact LLM both use it, with the SDK's own retries off."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        return f"HTTP {code}" if code in _RETRY_STATUS or code >= 500 else None
+    if isinstance(exc, openai.APITimeoutError):
+        return f"timeout after {timeout}s"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"connection error: {_short(str(exc.__cause__ or exc))}"
+    return None
+
+
 def run_sync(coro):
     """Run a coroutine to completion from sync code, with or without a running loop.
 
@@ -238,8 +260,7 @@ class OpenAIJudge(Judge):
             await client.close()
 
     def _delay(self, attempt: int) -> float:
-        base = min(self.retry_max_delay, self.retry_base_delay * 2**attempt)
-        return base * random.uniform(0.5, 1.0)  # jitter spreads out synchronized retries
+        return backoff_delay(attempt, self.retry_base_delay, self.retry_max_delay)
 
     async def _request(self, client, url: str, prompt: str) -> TopLogprobs:
         import openai
@@ -259,11 +280,12 @@ class OpenAIJudge(Judge):
                     top_logprobs=20,
                     seed=0,
                 )
-            except openai.APIStatusError as e:
-                code = e.status_code
-                if code in _RETRY_STATUS or code >= 500:
-                    last = f"HTTP {code}"
+            except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError) as e:
+                reason = retry_reason(e, self.timeout)
+                if reason is not None:
+                    last = reason
                     continue
+                code = e.status_code
                 if code in (401, 403):
                     raise PersonaError(
                         f"judge endpoint {url} rejected the API key (HTTP {code}); check the key "
@@ -278,12 +300,6 @@ class OpenAIJudge(Judge):
                     f"judge endpoint {url} refused the request with HTTP {code} "
                     f"({_short(e.message)}); check the model supports logprobs and top_logprobs=20."
                 ) from None
-            except openai.APITimeoutError:
-                last = f"timeout after {self.timeout}s"
-                continue
-            except openai.APIConnectionError as e:
-                last = f"connection error: {_short(str(e.__cause__ or e))}"
-                continue
             return _parse_top_logprobs(completion, url)
         raise PersonaError(
             f"judge endpoint {url} did not answer after {self.max_retries + 1} attempts (last: "

@@ -17,8 +17,8 @@ from persona_jax.io import vectors as vec_io
 from persona_jax.runtime.capture import REDUCTIONS, capture
 from persona_jax.io.csvio import read_csv
 from persona_jax.errors import PersonaError
-from persona_jax.judges.base import Judge, judge_csv
-from persona_jax.method.responses import Sampling, Spec, generate_to_csv, scores
+from persona_jax.judges.base import Judge
+from persona_jax.method.responses import Sampling, Spec, sample_and_judge, scores
 from persona_jax.method.traits import Trait, contrastive_prompts
 
 
@@ -56,22 +56,18 @@ def contrastive_specs(model, trait: Trait, n_per_question: int, antonym: str = "
     return out
 
 
-def generate_contrastive(model, trait: Trait, workdir: str, sampling: Sampling, n_per_question: int,
-                         antonym: str = "helpful", questions=None, progress=True,
-                         assistant_names: Optional[dict] = None) -> tuple[str, str]:
-    """Write both response CSVs (resumable). Greedy when n_per_question == 1 (METHOD.md 2)."""
+def sample_contrastive(model, judge: Judge, trait: Trait, workdir: str, sampling: Sampling, n_per_question: int,
+                       antonym: str = "helpful", questions=None, progress=True,
+                       assistant_names: Optional[dict] = None) -> tuple[list[dict], list[dict]]:
+    """Generate and judge both sides into their response CSVs (resumable); returns the
+    aligned (pos_rows, neg_rows). Greedy when n_per_question == 1 (METHOD.md 2)."""
     if n_per_question == 1:
         sampling = dataclasses.replace(sampling, temperature=0.0)
     specs = contrastive_specs(model, trait, n_per_question, antonym, questions, assistant_names)
     pos_csv, neg_csv = csv_paths(workdir, trait.name)
-    generate_to_csv(model, specs["pos"], pos_csv, trait.name, sampling, progress=progress)
-    generate_to_csv(model, specs["neg"], neg_csv, trait.name, sampling, progress=progress)
-    return pos_csv, neg_csv
-
-
-def judge_contrastive(judge: Judge, trait: Trait, pos_csv: str, neg_csv: str, progress=True):
-    for path in (pos_csv, neg_csv):
-        judge_csv(judge, path, trait.name, trait.eval_prompt, progress=progress)
+    return tuple(sample_and_judge(model, specs[side], path, trait.name, sampling, judge, trait.eval_prompt,
+                                  progress=progress)
+                 for side, path in (("pos", pos_csv), ("neg", neg_csv)))
 
 
 def filter_pairs(pos_rows, neg_rows, trait: str, rule: FilterRule, where: str = "") -> np.ndarray:
@@ -98,7 +94,13 @@ def vectors_from_csvs(model, pos_csv: str, neg_csv: str, trait: str, rule: Filte
     need = ("prompt", "answer", trait, "coherence")
     _, pos_rows = read_csv(pos_csv, required=need)
     _, neg_rows = read_csv(neg_csv, required=need)
-    kept = filter_pairs(pos_rows, neg_rows, trait, rule, where=f"{pos_csv} / {neg_csv}")
+    return vectors_from_rows(model, pos_rows, neg_rows, trait, rule, batch_size, progress, where=f"{pos_csv} / {neg_csv}")
+
+
+def vectors_from_rows(model, pos_rows, neg_rows, trait: str, rule: FilterRule = FilterRule(),
+                      batch_size: int = 16, progress=True, where: str = "") -> tuple[dict[str, np.ndarray], dict]:
+    """`vectors_from_csvs` on judged rows already in memory (the pipeline's extract step)."""
+    kept = filter_pairs(pos_rows, neg_rows, trait, rule, where=where)
     if kept.size == 0:
         raise PersonaError(
             f"every one of the {len(pos_rows)} {trait} pairs was filtered out (rule: pos >= {rule.threshold}, "

@@ -18,11 +18,11 @@ import numpy as np
 
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.capture import capture
-from persona_jax.io.csvio import read_csv, write_csv_atomic
-from persona_jax.judges.base import Judge, judge_csv
+from persona_jax.io.csvio import write_csv_atomic
+from persona_jax.judges.base import Judge
 from persona_jax.method.projection import project
 from persona_jax.method.stats import pearson, pearson_test
-from persona_jax.method.responses import Sampling, Spec, generate_to_csv, mean, scores
+from persona_jax.method.responses import Sampling, Spec, columns, mean, sample_and_judge, scores
 from persona_jax.method.steer_eval import conversation
 from persona_jax.io.distributed import writer_only
 
@@ -107,9 +107,8 @@ def run_conditions(model, vector: np.ndarray, layer: int, conditions: Sequence[C
             prompt = model.render_chat(conversation(q, cond.system, cond.prefix))
             for r in range(n_per_question):
                 specs.append(Spec(q, prompt, f"{trait}_{qi}_{ci}_{r}", {"condition": cond.name}))
-    generate_to_csv(model, specs, csv_path, trait, sampling, progress=progress)
-    judge_csv(judge, csv_path, trait, eval_prompt, progress=progress)
-    fields, rows = read_csv(csv_path)
+    rows = sample_and_judge(model, specs, csv_path, trait, sampling, judge, eval_prompt, progress=progress)
+    fields = columns(trait, ["condition"])
     caps = capture(model, [r["prompt"] for r in rows], [r["answer"] for r in rows], progress=progress)
     pl = np.full(len(rows), np.nan)
     ra = np.full(len(rows), np.nan)

@@ -14,6 +14,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from persona_jax.io.csvio import parse_score, read_csv, write_csv_atomic
+from persona_jax.judges.base import judge_rows
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.generate import generate
 from persona_jax.steering.spec import Steering
@@ -85,6 +86,19 @@ def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sam
     return rows
 
 
+def sample_and_judge(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling, judge,
+                     eval_prompt: str, steering_for=None, progress: bool = True) -> list[dict]:
+    """Generate the answers for `specs` and judge them: the rows of `csv_path`, made once.
+
+    The CSV is written as the work goes (resumable: generation after the last row
+    written, judging of the empty score cells) and the rows come back filled, so a step
+    reads nothing back. `steering_for` as in `generate_to_csv`.
+    """
+    rows = generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress)
+    return judge_rows(judge, columns(trait, list(specs[0].extra)), rows, csv_path, trait, eval_prompt,
+                      progress=progress)
+
+
 def scores(rows: Sequence[dict], column: str, where: str) -> list[Optional[float]]:
     return [parse_score(r.get(column), f"{where} column {column}") for r in rows]
 
@@ -94,4 +108,4 @@ def mean(values) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-__all__ = ["Spec", "Sampling", "generate_to_csv", "scores", "mean", "columns"]
+__all__ = ["Spec", "Sampling", "generate_to_csv", "sample_and_judge", "scores", "mean", "columns"]

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persona_jax.judges.base import Judge, judge_csv
-from persona_jax.method.responses import Sampling, Spec, generate_to_csv, mean, scores
+from persona_jax.judges.base import Judge
+from persona_jax.method.responses import Sampling, Spec, mean, sample_and_judge, scores
 from persona_jax.steering.spec import Steering
 from persona_jax.io.distributed import writer_only
 
@@ -64,10 +64,8 @@ def sweep(model, vector: np.ndarray, questions: Sequence[str], layers: Sequence[
         return [Steering.sweep(vector, [int(s.extra["layer"]) for s in chunk],
                                [float(s.extra["coef"]) for s in chunk], positions=positions)]
 
-    generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress)
-    judge_csv(judge, csv_path, trait, eval_prompt, progress=progress)
-    from persona_jax.io.csvio import read_csv
-    _, rows = read_csv(csv_path)
+    rows = sample_and_judge(model, specs, csv_path, trait, sampling, judge, eval_prompt, steering_for,
+                            progress=progress)
     t, c = scores(rows, trait, csv_path), scores(rows, "coherence", csv_path)
     trait_m = np.full((len(layers), len(coefs)), np.nan)
     coh_m = np.full((len(layers), len(coefs)), np.nan)

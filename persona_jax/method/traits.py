@@ -10,6 +10,7 @@ stored as `trait_data_extract/{name}.json` (20 questions) and `trait_data_eval/{
 from __future__ import annotations
 
 import copy
+import time
 import dataclasses
 import json
 import os
@@ -478,24 +479,41 @@ def openai_llm(
     temperature: float = 1.0,
     max_tokens: int = 8000,
     timeout: float = 300.0,
+    max_retries: int = 4,
+    retry_base_delay: float = 1.0,
+    retry_max_delay: float = 60.0,
 ) -> LLM:
-    """A prompt -> text callable over any OpenAI-compatible chat endpoint."""
+    """A prompt -> text callable over any OpenAI-compatible chat endpoint.
+
+    Failed requests are retried under the judge's policy (`openai_judge.retry_reason`,
+    `backoff_delay`; the SDK's own retries are off): up to `max_retries` more attempts.
+    """
     import openai
 
+    from persona_jax.judges.openai_judge import backoff_delay, retry_reason
+
     client = openai.OpenAI(api_key=_api_key(api_key_env, "the OpenAI-compatible endpoint"),
-                           base_url=base_url, timeout=timeout, max_retries=4)
+                           base_url=base_url, timeout=timeout, max_retries=0)
+
+    def request(prompt: str):
+        last = "no attempt"
+        for attempt in range(max_retries + 1):
+            if attempt:
+                time.sleep(backoff_delay(attempt - 1, retry_base_delay, retry_max_delay))
+            try:
+                return client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}],
+                    temperature=temperature, max_tokens=max_tokens)
+            except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError) as e:
+                last = retry_reason(e, timeout)
+                if last is None:  # not retryable: a refused request
+                    raise PersonaError(f"LLM endpoint {client.base_url} refused the request with HTTP "
+                                       f"{e.status_code}; check the model name and API key.") from None
+        raise PersonaError(f"LLM endpoint {client.base_url} did not answer after {max_retries + 1} attempts "
+                           f"(last: {last}); check base_url and the network, or raise max_retries/timeout.")
 
     def call(prompt: str) -> str:
-        try:
-            out = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}],
-                temperature=temperature, max_tokens=max_tokens)
-        except openai.APIConnectionError as e:
-            raise PersonaError(f"LLM endpoint {client.base_url} is unreachable ({e}); check "
-                               "base_url and the network.") from None
-        except openai.APIStatusError as e:
-            raise PersonaError(f"LLM endpoint {client.base_url} refused the request with HTTP "
-                               f"{e.status_code}; check the model name and API key.") from None
+        out = request(prompt)
         if not out.choices:
             return ""
         return out.choices[0].message.content or ""

@@ -19,17 +19,15 @@ import numpy as np
 
 from persona_jax.method import flagging as fl
 from persona_jax.pipeline import steps as pl
-from persona_jax.io.csvio import read_csv
 from persona_jax.io.distributed import writer_only
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
 from persona_jax.finetune import options
 from persona_jax.finetune.trainer import train
-from persona_jax.judges.base import judge_csv
 from persona_jax.model.checkpoint import Model
 from persona_jax.method.stats import auroc, pearson, spearman
 from persona_jax.method.projection import read_jsonl_conversations
-from persona_jax.method.responses import Spec, generate_to_csv, mean, scores
+from persona_jax.method.responses import Spec, mean, sample_and_judge, scores
 from persona_jax.method.shift import finetuning_shift, mean_activations
 from persona_jax.method.steer_eval import conversation
 from persona_jax.steering.spec import Steering
@@ -43,10 +41,8 @@ def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_pro
     specs = [Spec(q, model.render_chat(conversation(q)), f"{name}_{i}_{r}")
              for i, q in enumerate(questions) for r in range(int(f.eval_n_per_question))]
     sampling = dataclasses.replace(pl.sampling_from(f, cfg.seed + 3), batch_size=int(f.batch_size_generate))
-    generate_to_csv(model, specs, csv_path, name, sampling, (lambda chunk: steering) if steering else None,
-                    progress=progress)
-    judge_csv(judge, csv_path, name, eval_prompt, progress=progress)
-    _, rows = read_csv(csv_path)
+    rows = sample_and_judge(model, specs, csv_path, name, sampling, judge, eval_prompt,
+                            (lambda chunk: steering) if steering else None, progress=progress)
     qs, ans = [r["question"] for r in rows], [r["answer"] for r in rows]
     means = mean_activations(model, [r["prompt"] for r in rows], ans, layer)
     return {"trait": mean(scores(rows, name, csv_path)), "coherence": mean(scores(rows, "coherence", csv_path)),

@@ -193,12 +193,12 @@ def step_extract(model, judge: Judge, source: TraitSource, name: str, cfg, workd
     d = os.path.join(workdir, name)
     trait = source.extract_trait(name)
     e = cfg.extract
-    pos_csv, neg_csv = ex.generate_contrastive(model, trait, d, sampling_from(e, cfg.seed), int(e.n_per_question),
-                                               antonym=cfg.antonym, progress=progress)
-    ex.judge_contrastive(judge, trait, pos_csv, neg_csv, progress=progress)
-    vectors, stats = ex.vectors_from_csvs(model, pos_csv, neg_csv, name,
+    pos_rows, neg_rows = ex.sample_contrastive(model, judge, trait, d, sampling_from(e, cfg.seed),
+                                               int(e.n_per_question), antonym=cfg.antonym, progress=progress)
+    vectors, stats = ex.vectors_from_rows(model, pos_rows, neg_rows, name,
                                           ex.FilterRule(float(e.threshold), float(e.coherence_threshold)),
-                                          batch_size=int(e.capture_batch_size), progress=progress)
+                                          batch_size=int(e.capture_batch_size), progress=progress,
+                                          where=" / ".join(ex.csv_paths(d, name)))
     paths = ex.save_vectors(vectors, d, name, model.name, stats["n_kept"], config=e.to_dict())
     return {**stats, "vectors": paths,
             "vector_norms": {r: np.linalg.norm(v, axis=-1).round(4).tolist() for r, v in vectors.items()}}
