@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import json
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -31,6 +30,7 @@ import numpy as np
 
 from persona_jax.errors import PersonaError
 from persona_jax.io.atomic import atomic_open
+from persona_jax.io.jsonl import read_jsonl
 from persona_jax.io.csvio import read_csv, write_csv_atomic
 from persona_jax.io.distributed import writer_only
 from persona_jax.io.vectors import check_vector_shape
@@ -67,17 +67,10 @@ def read_conversations(path: str) -> list[Conversation]:
         raise PersonaError(f"input {path} does not exist; pass a .jsonl of conversations or a response .csv")
     if path.endswith(".jsonl"):
         out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise PersonaError(f"{path} line {n} is not valid JSON ({e})") from None
-                where = f"{path} line {n}"
-                msgs = _check_messages(rec.get("messages") if isinstance(rec, dict) else None, where)
-                out.append(Conversation(str(rec.get("id", f"line {n}")), messages=msgs))
+        for n, rec in read_jsonl(path, "input"):
+            where = f"{path} line {n}"
+            msgs = _check_messages(rec.get("messages") if isinstance(rec, dict) else None, where)
+            out.append(Conversation(str(rec.get("id", f"line {n}")), messages=msgs))
         if not out:
             raise PersonaError(f"{path} holds no conversations")
         return out
@@ -232,11 +225,11 @@ def token_projections(model, vector: np.ndarray, layer: int, conversations: Sequ
     unit = unit_vectors(vector)
     unit_dev = jax.device_put(unit, sh.replicated(model.mesh)) if model.mesh is not None else jnp.asarray(unit)
     projs: list[Optional[np.ndarray]] = [None] * len(prepared)
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][3]))
-    bs = batching.grow_batch(min(batch_size, len(order)), batching.batch_multiple(model.mesh))
-    for start in range(0, len(order), bs):
-        idx = order[start:start + bs]
-        seqs = [prepared[i][3] for i in idx] + [[model.pad_token_id]] * (bs - len(idx))
+    ids_all = [p[3] for p in prepared]
+    _, batches = batching.by_length([len(s) for s in ids_all], batch_size, model.mesh)
+    for rows in batches:
+        idx = rows[rows >= 0]
+        seqs = batching.batch_seqs(ids_all, rows, filler=[model.pad_token_id])
         length = length_bucket(max(len(s) for s in seqs))
         tokens, mask = batching.pad_rows(seqs, length, model.pad_token_id, left=False)
         tokens, mask = batching.place(model.mesh, tokens, mask)
