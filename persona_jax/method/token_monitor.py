@@ -161,8 +161,9 @@ class TokenTrace:
 def projection_arrays(config, params, tokens, mask, unit):
     """tokens, mask [B, T] (right-padded); unit [L+1, D] float32 -> [L+1, B, T] float32
     projections of every hidden state on its layer's unit vector."""
-    ctx = apply.make_ctx(mask, right_padded=True)
-    _, hidden, _ = apply.decoder_apply(config, params, tokens, ctx, capture="hidden", logits=False)
+    ctx = apply.make_ctx(mask)
+    _, hidden, _ = apply.decoder_apply(config, params, tokens, ctx, capture="hidden", logits="none",
+                                       right_padded=True)
     return jnp.einsum("lbtd,ld->lbt", hidden.astype(jnp.float32), unit)
 
 
