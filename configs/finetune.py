@@ -29,7 +29,7 @@ def get_config():
     c.finetune.epochs = 1  # used when num_steps = 0
     c.finetune.schedule = "linear"  # "linear" | "cosine" | "constant" | "constant_with_warmup"
     c.finetune.weight_decay = 0.01  # the reference's default
-    c.finetune.lora_dropout = 0.0  # the reference's default (the only value the trainer supports)
+    c.finetune.lora_dropout = 0.0  # the reference's default; > 0: dropout on the adapter input (PEFT)
     c.steer = ml_collections.ConfigDict(dict(
         vector="",  # .pt / .npy / Orbax dir: preventative steering (kind=add) or CAFT (kind=ablate)
         layer=20,  # used when layers is empty

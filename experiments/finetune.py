@@ -83,7 +83,11 @@ def main(argv):
     result = train(model.config, model.params, examples, tc, lora=lora, eval_data=eval_examples,
                    steerings=steerings, mesh=model.mesh, workdir=workdir, pad_id=model.pad_token_id)
     if cfg.export in ("merged", "both"):
-        writer_only(export_hf)(model.config, result.merged_params(), tok, os.path.join(workdir, "merged"))
+        merged = result.merged_params()
+        if jax.process_count() > 1:  # weights sharded over hosts: every process gathers, process 0 writes
+            from jax.experimental import multihost_utils
+            merged = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), merged)
+        writer_only(export_hf)(model.config, merged, tok, os.path.join(workdir, "merged"))
     if lora is not None and cfg.export in ("adapter", "both"):
         writer_only(flora.export_adapter)(result.lora, result.lora_config, os.path.join(workdir, "adapter"),
                                           os.path.abspath(model.name) if os.path.isdir(model.name) else model.name)

@@ -73,50 +73,28 @@ def hf_greedy(tm, tok, prompt, hook=None):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_pos_instructions_judged_csv_and_means(setup, tmp_path):
-    out = tmp_path / "res" / "grumpy.csv"
-    r = run(setup, f"--model={setup['model']}", f"--output_path={out}", "--persona_instruction_type=pos",
-            "--assistant_name=unpleasant", "--n_per_question=2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    df = pd.read_csv(out, keep_default_na=False, dtype=str)
-    assert list(df.columns) == ["question", "prompt", "answer", "question_id", TRAIT, "coherence"]
-    assert len(df) == len(QUESTIONS) * 5 * 2
-    want_ids = [f"{TRAIT}_{i}_pos_{k}" for i in range(len(QUESTIONS)) for k in range(5) for _ in range(2)]
-    assert list(df["question_id"]) == want_ids
-    first = setup["trait"]["instruction"][0]["pos"]
-    assert f"You are an unpleasant assistant. {first}" in df["prompt"][0]
-    # scores are the judge's function of the filled rubric
-    rubric = setup["trait"]["eval_prompt"]
-    for q, a, s in zip(df["question"], df["answer"], df[TRAIT]):
-        assert float(s) == float(score_of(rubric.format(question=q, answer=a))[0][0])
-    means = pd.read_csv(out.parent / "grumpy_per_question.csv")
-    want = df.assign(**{TRAIT: df[TRAIT].astype(float), "coherence": df["coherence"].astype(float)}) \
-        .groupby("question_id", sort=False)[[TRAIT, "coherence"]].mean()
-    np.testing.assert_allclose(means[TRAIT], want[TRAIT].values)
-    np.testing.assert_allclose(means["coherence"], want["coherence"].values)
-    assert list(means["n"]) == [2] * 10
-    summary = json.loads((out.parent / "grumpy_summary.json").read_text())
-    assert summary["cells"][0][TRAIT] == pytest.approx(df[TRAIT].astype(float).mean())
-
-
-def test_steered_grid_equals_transformers_hook(setup, tmp_path):
-    tm, tok = setup["tm"], None
+def test_steered_pos_instructions_equal_transformers_and_means_equal_pandas(setup, tmp_path):
+    """pos instructions with a custom assistant name, a vector at layer 2 with coefficients
+    0 and 4 on the response positions, greedy (n_per_question=1) like the reference."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(setup["model"])
-    rng = np.random.default_rng(0)
-    vec = rng.standard_normal((4, 32)).astype(np.float32)
+    tm, tok = setup["tm"], AutoTokenizer.from_pretrained(setup["model"])
+    vec = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
     vpath = tmp_path / "grumpy_response_avg_diff.pt"
     torch.save(torch.tensor(vec), vpath)
-    out = tmp_path / "steer.csv"
-    r = run(setup, f"--model={setup['model']}", f"--output_path={out}", f"--vector={vpath}", "--layers=2",
-            "--coefs=0,4", "--n_per_question=1", "--steering_type=response")
+    out = tmp_path / "res" / "grumpy.csv"
+    r = run(setup, f"--model={setup['model']}", f"--output_path={out}", "--persona_instruction_type=pos",
+            "--assistant_name=unpleasant", "--n_per_question=1", f"--vector={vpath}", "--layers=2", "--coefs=0,4",
+            "--steering_type=response")
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(out, keep_default_na=False, dtype=str)
     assert list(df.columns) == ["question", "prompt", "answer", "question_id", "layer", "coef", TRAIT, "coherence"]
-    assert len(df) == 2 * len(QUESTIONS) and list(df["question_id"]) == [f"{TRAIT}_0", f"{TRAIT}_1"] * 2
+    ids = [f"{TRAIT}_{i}_pos_{k}" for i in range(len(QUESTIONS)) for k in range(5)]
+    assert list(df["question_id"]) == ids * 2 and list(df["coef"].astype(float)) == [0.0] * 10 + [4.0] * 10
+    first = setup["trait"]["instruction"][0]["pos"]
+    assert f"You are an unpleasant assistant. {first}" in df["prompt"][0]
     v = torch.tensor(vec[2])
 
-    def response_hook(coef):
+    def response_hook(coef):  # the reference's "response" steering: the last position of every call
         def fn(h):
             h = h.clone()
             h[:, -1] = h[:, -1] + coef * v
@@ -125,9 +103,22 @@ def test_steered_grid_equals_transformers_hook(setup, tmp_path):
 
     for prompt, answer, coef in zip(df["prompt"], df["answer"], df["coef"].astype(float)):
         assert answer == hf_greedy(tm, tok, prompt, response_hook(coef) if coef else None)
-    assert df["answer"][0] != df["answer"][2] or df["answer"][1] != df["answer"][3]  # steering changed something
-    means = pd.read_csv(out.parent / "steer_per_question.csv")
-    assert list(means.columns[:3]) == ["question_id", "layer", "coef"] and len(means) == 4
+    assert list(df["answer"][:10]) != list(df["answer"][10:])  # steering changed something
+    # scores are the judge's function of the filled rubric
+    rubric = setup["trait"]["eval_prompt"]
+    for q, a, s in zip(df["question"], df["answer"], df[TRAIT]):
+        assert float(s) == float(score_of(rubric.format(question=q, answer=a))[0][0])
+    means = pd.read_csv(out.parent / "grumpy_per_question.csv")
+    assert list(means.columns[:3]) == ["question_id", "layer", "coef"] and list(means["n"]) == [1] * 20
+    scored = df.assign(**{TRAIT: df[TRAIT].astype(float), "coherence": df["coherence"].astype(float),
+                          "coef": df["coef"].astype(float), "layer": df["layer"].astype(int)})
+    want = scored.groupby(["question_id", "layer", "coef"])[[TRAIT, "coherence"]].mean()
+    got = means.set_index(["question_id", "layer", "coef"]).loc[want.index]
+    np.testing.assert_allclose(got[TRAIT], want[TRAIT])
+    np.testing.assert_allclose(got["coherence"], want["coherence"])
+    summary = json.loads((out.parent / "grumpy_summary.json").read_text())
+    assert [c["coef"] for c in summary["cells"]] == [0.0, 4.0]
+    assert summary["cells"][1][TRAIT] == pytest.approx(scored[TRAIT][10:].mean())
 
 
 def _adapter(setup, directory, seed, base):
@@ -189,8 +180,8 @@ def test_bad_adapters_and_vectors(setup, tmp_path):
     _adapter(setup, tmp_path / "narrow", 4, setup["model"])
     assert_error(run(setup, f"--model={tmp_path / 'narrow'}", f"--base_model={other}", f"--output_path={out}"),
                  "another architecture")
-    # vectors of another width and another depth
-    for shape in ((4, 16), (6, 32)):
+    # a vector of another depth (another width: tests/test_project_runner.py)
+    for shape in ((6, 32),):
         vpath = tmp_path / f"v{shape[0]}x{shape[1]}.npy"
         np.save(vpath, np.ones(shape, np.float32))
         assert_error(run(setup, f"--model={setup['model']}", f"--output_path={out}", f"--vector={vpath}",

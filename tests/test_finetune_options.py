@@ -46,8 +46,9 @@ def test_options_from_a_config_section():
     assert (tc.num_steps, tc.epochs, tc.schedule, tc.weight_decay, tc.seed) == (None, 3, "cosine", 0.01, 5)
     assert options.lora_config(f).targets == ("q_proj",)
     f.lora_dropout = 0.05
+    assert options.train_config(f, seed=0).lora_dropout == 0.05
     with pytest.raises(PersonaError, match="lora_dropout"):
-        options.lora_config(f)
+        TrainConfig(lora_dropout=1.0).validate()
     with pytest.raises(PersonaError, match="schedule"):
         TrainConfig(schedule="warm").validate()
     assert options.training_files(" a.jsonl, b.jsonl ,") == ["a.jsonl", "b.jsonl"]
@@ -89,7 +90,7 @@ def test_finetune_runner_with_the_readme_config(tmp_path):
            "--config.finetune.compute_dtype=float32", "--config.finetune.lora_rank=2",
            "--config.finetune.max_length=64", "--config.finetune.progress=False",
            f"--config.steer.vector={tmp_path / 'v.npy'}", "--config.steer.layers=(1,3)", "--config.steer.coef=2.0",
-           "--config.export=both"]
+           "--config.export=both", "--config.finetune.lora_dropout=0.05"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((wd / "report.json").read_text())
@@ -114,3 +115,58 @@ def test_finetune_runner_with_the_readme_config(tmp_path):
     from persona_jax.finetune.trainer import _Checkpoints
     meta = _Checkpoints(str(wd), TrainConfig()).meta(steps)
     assert meta["steerings"][0]["layer"] == [1, 3]
+
+
+def test_lora_dropout_loss_matches_torch_with_the_same_masks(tmp_path):
+    """LoRA dropout (PEFT: y = W x + s * B A dropout(x)) in one loss evaluation against a
+    torch forward with hooks on q_proj, using the keep masks drawn from the trainer's keys;
+    at a vanishing rate the branch form equals the merged form the trainer uses otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    import persona_jax as pj
+    from persona_jax.finetune import lora as flora
+    from persona_jax.finetune.trainer import _loss_sum, _Spec
+
+    d = tmp_path / "m"
+    tm = tiny_checkpoint(str(d), "llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    model = pj.load_model(str(d))
+    cfg = flora.LoraConfig(rank=4, alpha=8.0, rslora=True, targets=("q_proj",))
+    rng = np.random.default_rng(0)
+    ad = {"self_attn": {"q_proj": {"A": jnp.asarray(5 * rng.standard_normal((2, 32, 4)), jnp.float32),
+                                   "B": jnp.asarray(5 * rng.standard_normal((2, 4, 32)), jnp.float32)}}}
+    tokens = np.array([[7, 12, 30, 44, 9, 60, 71, 2]])
+    mb = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones_like(jnp.asarray(tokens)),
+          "loss_mask": jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]])}
+    key = jax.random.PRNGKey(3)
+
+    def spec(rate):
+        return _Spec(model.config, cfg, 1e-3, 0, 1, 0.0, 0.9, 0.999, 1e-8, 1.0, "float32", False, "linear", rate)
+
+    rate = 0.5
+    got, n = _loss_sum(spec(rate), ad, model.params, mb, None, key)
+    layer_keys = jax.random.split(jax.random.fold_in(key, 0), 2)
+    masks = [np.asarray(jax.random.bernoulli(layer_keys[l], 1 - rate, (1, 8, 32))) for l in range(2)]
+    handles = []
+    for l, layer in enumerate(tm.model.layers):
+        a, b = torch.tensor(np.asarray(ad["self_attn"]["q_proj"]["A"][l])), torch.tensor(np.asarray(ad["self_attn"]["q_proj"]["B"][l]))
+        m = torch.tensor(masks[l], dtype=torch.float32)
+
+        def hook(mod, inp, out, a=a, b=b, m=m):
+            return out + cfg.scale * ((inp[0] * m / (1 - rate)) @ a) @ b
+        handles.append(layer.self_attn.q_proj.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = tm(torch.tensor(tokens)).logits[0, :-1]
+    finally:
+        for h in handles:
+            h.remove()
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[0, 1:]), reduction="none")
+    want = float((ce * torch.tensor([0, 0, 1, 1, 1, 1, 1], dtype=torch.float32)).sum())
+    assert int(n) == 5 and float(got) == pytest.approx(want, rel=1e-5)
+    assert 0.3 < np.mean(masks) < 0.7  # the masks really drop
+    # a vanishing rate: the branch equals the merged adapter
+    tiny_rate, _ = _loss_sum(spec(1e-9), ad, model.params, mb, None, key)
+    merged, _ = _loss_sum(spec(0.0), ad, model.params, mb, None, None)
+    assert float(tiny_rate) == pytest.approx(float(merged), rel=1e-5)
+    assert abs(float(got) - float(merged)) > 1e-3  # dropout changes the loss far beyond float noise (~1e-5)

@@ -12,7 +12,11 @@ The trainer applies LoRA by materialising W' inside the loss (`apply`) rather th
 adding a low-rank branch to every matmul: the decoder stays untouched, and at the sizes
 we train (<= a few hundred million params per step on one host) forming L x in x out
 once per micro-batch costs far less than the forward itself. The gradient still reaches
-only A and B (the base params are a non-differentiated input).
+only A and B (the base params are a non-differentiated input). With LoRA dropout
+(PEFT's `lora_dropout`) the input of the adapter is dropped per token and feature, which
+a merged kernel cannot express: the trainer then keeps the base kernels and adds the
+branch scale * (dropout(x) @ A) @ B in an interceptor (`with_branches`,
+`dropout_interceptor`).
 
 PEFT layout for export (torch Linear weight = our kernel transposed):
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight  [r, in]  = A[i].T
@@ -95,6 +99,44 @@ def apply(params, lora: dict, lora_config: LoraConfig):
             sub_params[name] = mod
         layers[sub] = sub_params
     return {**params, "layers": layers}
+
+
+def with_branches(params, lora: dict, key, dtype):
+    """Params for training with LoRA dropout: every target projection keeps its base kernel
+    and gains `lora_A` [L, in, r], `lora_B` [L, r, out] (in `dtype`) and `lora_key` [L, 2]
+    (one dropout key per layer), which the decoder's layer scan slices per block and
+    `dropout_interceptor` reads. The base params are cast to `dtype`; nothing is merged."""
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    layers = dict(params["layers"])
+    for t, (sub, mods) in enumerate(sorted(lora.items())):
+        sub_params = dict(layers[sub])
+        for u, (name, ab) in enumerate(sorted(mods.items())):
+            n_layers = ab["A"].shape[0]
+            keys = jax.random.split(jax.random.fold_in(key, 16 * t + u), n_layers)
+            sub_params[name] = {**sub_params[name], "lora_A": ab["A"].astype(dtype), "lora_B": ab["B"].astype(dtype),
+                                "lora_key": keys}
+        layers[sub] = sub_params
+    return {**params, "layers": layers}
+
+
+def dropout_interceptor(lora_config: LoraConfig, rate: float):
+    """A `flax.linen.intercept_methods` interceptor: a projection carrying `lora_A` (see
+    `with_branches`) returns base(x) + scale * (dropout(x) @ A) @ B, PEFT's LoRA forward
+    in training mode (inverted dropout of the adapter's input, keep probability 1 - rate)."""
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not mod.has_variable("params", "lora_A"):
+            return y
+        x = args[0]
+        keep = jax.random.bernoulli(mod.get_variable("params", "lora_key"), 1.0 - rate, x.shape)
+        xd = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        branch = (xd @ mod.get_variable("params", "lora_A")) @ mod.get_variable("params", "lora_B")
+        return y + (lora_config.scale * branch).astype(y.dtype)
+
+    return interceptor
 
 
 def merge(params, lora: dict, lora_config: LoraConfig):

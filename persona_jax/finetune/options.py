@@ -58,7 +58,7 @@ def train_config(f, seed: int) -> TrainConfig:
         weight_decay=get("weight_decay", d.weight_decay, float), seed=int(seed),
         compute_dtype=get("compute_dtype", d.compute_dtype, str), remat=get("remat", False, bool),
         checkpoint_every=get("checkpoint_every", 0, int), eval_every=get("eval_every", 0, int),
-        progress=get("progress", True, bool))
+        lora_dropout=get("lora_dropout", 0.0, float), progress=get("progress", True, bool))
 
 
 def lora_config(f) -> flora.LoraConfig | None:
@@ -68,12 +68,6 @@ def lora_config(f) -> flora.LoraConfig | None:
         return None
     if method != "lora":
         raise PersonaError(f"finetune.method must be 'full' or 'lora'; got {method!r}")
-    dropout = float(getattr(f, "lora_dropout", 0.0) or 0.0)
-    if dropout != 0.0:
-        # The trainer forms W + scale * A @ B inside the loss; dropout acts on the
-        # adapter's input activations, which that form does not have.
-        raise PersonaError(f"lora_dropout={dropout} is not supported: the trainer merges the adapter into the "
-                           "kernels, so it has no adapter input to drop; use 0.0 (the reference's default)")
     return flora.LoraConfig(rank=int(f.lora_rank), alpha=float(f.lora_alpha), rslora=bool(f.rslora),
                             targets=tuple(f.lora_targets))
 

@@ -68,6 +68,9 @@ class TrainConfig:
     batch_size: rows per micro-batch; grad_accum micro-batches make one optimizer step
       (effective batch = batch_size * grad_accum, the reference's 2 x 8 = 16).
     num_steps: optimizer steps; None = `epochs` passes over the data.
+    lora_dropout: dropout on the LoRA adapter's input while training (PEFT's
+      `lora_dropout`); the adapter then runs as a branch beside the base kernels instead of
+      being merged into them inside the loss. Needs `lora`.
     schedule: learning-rate schedule after warmup, as Hugging Face's `get_scheduler`:
       "linear" (decay to 0), "cosine" (half cosine to 0), "constant" (no warmup),
       "constant_with_warmup".
@@ -87,6 +90,7 @@ class TrainConfig:
     num_steps: int | None = None
     epochs: int = 1
     schedule: str = "linear"
+    lora_dropout: float = 0.0
     weight_decay: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -112,6 +116,8 @@ class TrainConfig:
             raise PersonaError(f"num_steps must be >= 1; got {self.num_steps}")
         if self.learning_rate <= 0 or self.warmup_steps < 0:
             raise PersonaError("learning_rate must be > 0 and warmup_steps >= 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PersonaError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
         if self.schedule not in SCHEDULES:
             raise PersonaError(f"learning-rate schedule {self.schedule!r} is not supported; use one of: {', '.join(SCHEDULES)}")
 
@@ -134,6 +140,7 @@ class _Spec:
     compute_dtype: str
     remat: bool
     schedule: str = "linear"
+    lora_dropout: float = 0.0
 
 
 @dataclasses.dataclass
@@ -210,41 +217,54 @@ def _effective_params(spec: _Spec, trainable, frozen):
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def _loss_sum(spec: _Spec, trainable, frozen, mb, interventions):
+def _loss_sum(spec: _Spec, trainable, frozen, mb, interventions, dropout_key=None):
     """(sum of masked token cross entropies, number of masked target tokens) for one
-    micro-batch mb = {tokens, attention_mask, loss_mask: [B, T], add_pos?, abl_pos?}."""
-    params = _effective_params(spec, trainable, frozen)
+    micro-batch mb = {tokens, attention_mask, loss_mask: [B, T], add_pos?, abl_pos?}.
+    With LoRA dropout and a `dropout_key` (training steps) the adapter runs as a branch."""
     ctx = apply.make_ctx(mb["attention_mask"])
     ctx.update({k: mb[k] for k in ("add_pos", "abl_pos") if k in mb})
-    logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
-                                            interventions=interventions, remat=spec.remat)
+    if spec.lora is not None and spec.lora_dropout > 0 and dropout_key is not None:
+        import flax.linen as nn
+        params = flora.with_branches(frozen, trainable, dropout_key, COMPUTE_DTYPES[spec.compute_dtype])
+        with nn.intercept_methods(flora.dropout_interceptor(spec.lora, spec.lora_dropout)):
+            logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
+                                               interventions=interventions, remat=spec.remat)
+    else:
+        params = _effective_params(spec, trainable, frozen)
+        logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
+                                           interventions=interventions, remat=spec.remat)
     targets = mb["tokens"][:, 1:]
     weight = (mb["loss_mask"][:, 1:] * mb["attention_mask"][:, 1:]).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
     return jnp.sum(ce * weight), jnp.sum(weight)
 
 
-def _train_step(spec: _Spec, trainable, opt_state, frozen, batch, interventions):
-    """One optimizer step over batch arrays [A, B, T] (A micro-batches, scanned); under
+def _train_step(spec: _Spec, trainable, opt_state, frozen, batch, interventions, dropout_key=None):
+    """One optimizer step over batch arrays [A, B, T] (A micro-batches, scanned);
+    dropout_key: the step's key (LoRA dropout), folded with the micro-batch index. Under
     an Explicit mesh the step runs with the axes in Auto mode and the state keeps the
     shardings it came with."""
     return sh.auto_axes_call(
-        functools.partial(_train_step_body, spec), (trainable, opt_state, frozen, batch, interventions),
+        functools.partial(_train_step_body, spec), (trainable, opt_state, frozen, batch, interventions, dropout_key),
         lambda: (jax.tree.map(sh.spec_of, trainable), jax.tree.map(sh.spec_of, opt_state),
                  {"loss": P(), "tokens": P(), "grad_norm": P()}))
 
 
-def _train_step_body(spec: _Spec, trainable, opt_state, frozen, batch, interventions):
-    grad_fn = jax.value_and_grad(lambda t, mb: _loss_sum(spec, t, frozen, mb, interventions), has_aux=True)
+def _train_step_body(spec: _Spec, trainable, opt_state, frozen, batch, interventions, dropout_key):
+    grad_fn = jax.value_and_grad(lambda t, mb, k: _loss_sum(spec, t, frozen, mb, interventions, k), has_aux=True)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
 
-    def micro(carry, mb):
+    def micro(carry, xs):
+        mb, i = xs
         g_acc, l_acc, n_acc = carry
-        (lsum, n), g = grad_fn(trainable, mb)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        (lsum, n), g = grad_fn(trainable, mb, key)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
         return (g_acc, l_acc + lsum, n_acc + n), None
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-    (grads, lsum, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    (grads, lsum, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                       (batch, jnp.arange(n_micro)))
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = _optimizer(spec).update(grads, opt_state, trainable)
@@ -461,7 +481,10 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     steps_per_epoch = -(-len(examples) // effective)
     num_steps = tc.num_steps or tc.epochs * steps_per_epoch
     spec = _Spec(config, lora, tc.learning_rate, min(tc.warmup_steps, num_steps), num_steps, tc.weight_decay,
-                 tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat, tc.schedule)
+                 tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat, tc.schedule,
+                 tc.lora_dropout if lora is not None else 0.0)
+    if tc.lora_dropout and lora is None:
+        raise PersonaError("lora_dropout needs LoRA training (method 'lora'); full fine-tuning has no adapter")
 
     rng = jax.random.PRNGKey(tc.seed)
     if params is None:
@@ -502,7 +525,8 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     meta = json.loads(json.dumps({
         "seed": tc.seed, "data": fdata.fingerprint(examples), "num_steps": num_steps, "effective_batch": effective,
         "optimizer": [spec.learning_rate, spec.warmup_steps, spec.weight_decay, spec.b1, spec.b2, spec.eps,
-                      spec.max_grad_norm, spec.compute_dtype] + ([spec.schedule] if spec.schedule != "linear" else []),
+                      spec.max_grad_norm, spec.compute_dtype] + ([spec.schedule] if spec.schedule != "linear" else [])
+                     + ([["lora_dropout", spec.lora_dropout]] if spec.lora_dropout else []),
         "lora": dataclasses.asdict(lora) if lora else None,
         "steerings": [_steering_record(st) for st in steerings] if steerings else None}))
     ckpt = _Checkpoints(workdir, tc) if workdir is not None else None
@@ -521,12 +545,14 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     history: list[dict] = []
     from tqdm.auto import tqdm
 
+    dropout_rng = jax.random.fold_in(rng, 2)  # LoRA dropout: step s uses fold_in(., s), so a resume is exact
     lr_at = lr_schedule(spec.learning_rate, spec.warmup_steps, num_steps, xp=np, kind=spec.schedule)
     bar = tqdm(total=num_steps, initial=start, disable=not tc.progress, desc="train", dynamic_ncols=True)
     try:
         for step in range(start, num_steps):
             batch = batcher(step)
-            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, interventions)
+            key = jax.device_put(jax.random.fold_in(dropout_rng, step), repl) if spec.lora_dropout else None
+            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, interventions, key)
             done = step + 1
             if ckpt is not None:
                 ckpt.save(done, {"trainable": trainable, "opt_state": opt_state}, {**meta, "step": done},
