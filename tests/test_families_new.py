@@ -326,9 +326,9 @@ def hf_greedy(tm, tok, prompt, n, hook=None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_and_steered_generation_match_hf(family, gen_ckpts):
-    """Greedy decoding 56 tokens (48 past the window; Phi-3's short row crosses its
-    original context mid-decode) in one left-padded batch equals transformers `generate`
-    per row; steering layer 2 with per-row coefficients equals a forward hook adding
+    """Greedy decoding 56 tokens (48 past the window) in one left-padded batch equals
+    transformers `generate` per row. Phi-3's 5-token row crosses its original context (16)
+    mid-decode, where transformers recomputes the cache with the long factors, as we do; steering layer 2 with per-row coefficients equals a forward hook adding
     coef * v to decoder layer 1's output, and changes the tokens."""
     tm, model = gen_ckpts[family]
     tok = model.tokenizer
@@ -337,6 +337,10 @@ def test_greedy_and_steered_generation_match_hf(family, gen_ckpts):
     ref = [hf_greedy(tm, tok, p, GEN_N) for p in GEN_PROMPTS]
     assert g == ref
     assert all(len(t) == GEN_N for t in g) and len({tuple(t) for t in g}) == len(GEN_PROMPTS)
+    if family == "phi3":  # the scanned decode loop takes the same longrope switch
+        scanned = dataclasses.replace(model, scan_decode=True)
+        assert generate(scanned, GEN_PROMPTS, GEN_N, temperature=0, min_new_tokens=GEN_N, batch_size=4,
+                        return_tokens=True).tokens == ref
 
     v = np.random.RandomState(1).randn(model.num_layers + 1, model.hidden_size).astype(np.float32)
     v = v / np.linalg.norm(v, axis=-1, keepdims=True) * 4.0
