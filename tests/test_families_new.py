@@ -326,26 +326,31 @@ def hf_greedy(tm, tok, prompt, n, hook=None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_and_steered_generation_match_hf(family, gen_ckpts):
-    """Greedy decoding 56 tokens (48 past the window; Phi-3's short row crosses its
-    original context mid-decode) in one left-padded batch equals transformers `generate`
-    per row; steering layer 2 with per-row coefficients equals a forward hook adding
+    """Greedy decoding 56 tokens (48 past the window) in one left-padded batch equals
+    transformers `generate` per row. Phi-3's 5-token row crosses its original context (16)
+    mid-decode, where transformers recomputes the cache with the long factors, as we do; steering layer 2 with per-row coefficients equals a forward hook adding
     coef * v to decoder layer 1's output, and changes the tokens."""
     tm, model = gen_ckpts[family]
     tok = model.tokenizer
-    g = generate(model, GEN_PROMPTS, GEN_N, temperature=0, min_new_tokens=GEN_N, batch_size=4,
-                 return_tokens=True).tokens
-    ref = [hf_greedy(tm, tok, p, GEN_N) for p in GEN_PROMPTS]
-    assert g == ref
-    assert all(len(t) == GEN_N for t in g) and len({tuple(t) for t in g}) == len(GEN_PROMPTS)
-
     v = np.random.RandomState(1).randn(model.num_layers + 1, model.hidden_size).astype(np.float32)
     v = v / np.linalg.norm(v, axis=-1, keepdims=True) * 4.0
-    s = generate(model, GEN_PROMPTS, GEN_N, temperature=0, min_new_tokens=GEN_N, batch_size=4,
-                 return_tokens=True, steering=Steering(v, layer=2, coef=COEFS)).tokens
+    # one call (one compiled program): rows 0-2 unsteered (coefficient 0), rows 3-5 steered
+    n = len(GEN_PROMPTS)
+    steer = Steering(v, layer=2, coef=[0.0] * n + COEFS)
+    got = generate(model, GEN_PROMPTS * 2, GEN_N, temperature=0, min_new_tokens=GEN_N, batch_size=8,
+                   return_tokens=True, steering=steer).tokens
+    g, s = got[:n], got[n:]
+    ref = [hf_greedy(tm, tok, p, GEN_N) for p in GEN_PROMPTS]
+    assert g == ref
+    assert all(len(t) == GEN_N for t in g) and len({tuple(t) for t in g}) == n
     ref_s = [hf_greedy(tm, tok, p, GEN_N, hook=lambda h, c=c: h + c * torch.tensor(v[2]))
              for p, c in zip(GEN_PROMPTS, COEFS)]
     assert s == ref_s
     assert sum(a != b for a, b in zip(s, g)) >= 2
+    if family == "phi3":  # the scanned decode loop takes the same longrope switch
+        scanned = dataclasses.replace(model, scan_decode=True)
+        assert generate(scanned, GEN_PROMPTS * 2, GEN_N, temperature=0, min_new_tokens=GEN_N, batch_size=8,
+                        return_tokens=True, steering=steer).tokens == ref + ref_s
 
 
 # ----------------------------------------------------------------------------- Gemma 3 multimodal
@@ -373,16 +378,19 @@ def _tiny_gemma3_multimodal(d):
 
 def test_gemma3_multimodal_layout_loads_its_language_model(tmp_path, monkeypatch):
     """A tiny `Gemma3ForConditionalGeneration` (SigLIP tower, projector) saved by
-    transformers, and the same weights in the Hub's original layout
-    (`language_model.model.*`): both load the language model, equal to transformers'
-    text forward, and not one vision or projector tensor is read."""
+    transformers (which writes the Hub's original layout, `language_model.model.*`), and
+    the same weights in transformers 5's module layout (`model.language_model.*`): both
+    load the language model, equal to transformers' text forward, and not one vision or
+    projector tensor is read."""
     d = str(tmp_path / "mm")
     tm = _tiny_gemma3_multimodal(d)
     names = set()
     for f in os.listdir(d):
         if f.endswith(".safetensors"):
             names |= set(SafetensorsFile(os.path.join(d, f)).keys())
-    assert any("vision_tower" in n for n in names) and any(n.startswith("model.language_model.") for n in names)
+    saved_new = any(n.startswith("model.language_model.") for n in names)
+    assert any("vision_tower" in n for n in names)
+    assert saved_new or any(n.startswith("language_model.model.") for n in names)
 
     read = []
     orig_get = ckpt_mod._Reader.get
@@ -398,7 +406,11 @@ def test_gemma3_multimodal_layout_loads_its_language_model(tmp_path, monkeypatch
     print(f"\ngemma3 multimodal layout rel err per layer {errs}, logits {l_err:.1e}")
     assert errs.max() <= FP32_TOL and l_err <= FP32_TOL
 
-    # the original Hub layout of the same checkpoint
+    # the other layout of the same checkpoint
+    pairs = [("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+             ("multi_modal_projector.", "model.multi_modal_projector."), ("language_model.lm_head.", "lm_head.")]
+    if saved_new:
+        pairs = [(b, a) for a, b in pairs]
     old = str(tmp_path / "mm_old")
     os.makedirs(old)
     tensors = {}
@@ -406,14 +418,12 @@ def test_gemma3_multimodal_layout_loads_its_language_model(tmp_path, monkeypatch
         if f.endswith(".safetensors"):
             sf = SafetensorsFile(os.path.join(d, f))
             for n in sf.keys():
-                new = (n.replace("model.language_model.", "language_model.model.")
-                       .replace("model.vision_tower.", "vision_tower.")
-                       .replace("model.multi_modal_projector.", "multi_modal_projector."))
+                new = next((b + n[len(a):] for a, b in pairs if n.startswith(a)), n)
                 tensors[new] = np.array(sf[n])
         elif not f.endswith(".json") or f == "config.json" or "token" in f:
             shutil.copy(os.path.join(d, f), old)
     save_file(tensors, os.path.join(old, "model.safetensors"))
-    assert not any(n.startswith("model.") for n in tensors)
+    assert any(n.startswith(pairs[0][1]) for n in tensors) and not any(n.startswith(pairs[0][0]) for n in tensors)
     model_old = pj.load_model(old)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  model_old.params, model.params)

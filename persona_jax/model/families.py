@@ -282,7 +282,9 @@ def _family_fields(c: DecoderConfig, rope: dict) -> dict:
     windows = [w for w in c.layer_windows if w]
     types = ["sliding_attention" if w else "full_attention" for w in c.layer_windows]
     if c.model_type in ("gemma2", "gemma3_text"):
-        out = {"hidden_activation": c.hidden_act, "query_pre_attn_scalar": c.query_pre_attn_scalar,
+        scalar = c.query_pre_attn_scalar
+        out = {"hidden_activation": c.hidden_act,
+               "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
                "attn_logit_softcapping": c.attn_logit_softcap,
                "final_logit_softcapping": c.final_logit_softcap,
                "sliding_window": windows[0] if windows else None, "layer_types": types}

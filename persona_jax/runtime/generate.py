@@ -147,6 +147,29 @@ def decode_step(config, params, layers, tokens, ctx, caches, intervention_rows=N
     return lm_logits(c, h, head_kernel(c, params)), new_caches
 
 
+def _longrope_recompute(c, params, seq, kv_valid, kv_pos, slot, interventions, prefill_pos, decode_pos):
+    """The decode step at which a row first feeds position `rope_original_max_position`
+    (longrope, Phi-3 128k), done as transformers' Phi-3 does it: the whole sequence so far
+    is recomputed without a cache, so every cached key and value switches to the long
+    factors. seq: [B, S] tokens in their slots; kv_valid [B, S] the filled slots (the fed
+    token's included). Steering masks are the ones each token had: prefill masks over the
+    prompt slots, decode masks over the generated ones.
+    Returns (logits [B, V] at `slot`, the new stacked cache [L, ...]).
+    """
+    b, s = seq.shape
+    dtype = params["embed_tokens"]["embedding"].dtype
+    positions = jnp.where(kv_valid, kv_pos, 0)  # a row's largest position is its fed token's
+    ctx = apply.make_ctx(kv_valid.astype(jnp.int32), positions=positions, kv_valid=kv_valid, kv_pos=kv_pos)
+    if prefill_pos:  # (nested per site when a steering targets attn / mlp)
+        p = jax.tree.leaves(prefill_pos)[0].shape[-1]
+        ctx.update(jax.tree.map(
+            lambda a, d: jnp.concatenate([a, jnp.broadcast_to(d, d.shape[:2] + (s - p,))], axis=-1),
+            prefill_pos, decode_pos))
+    _, h_final, cache = apply.decoder_outputs(c, params, seq, ctx, interventions=interventions,
+                                              cache=empty_cache(c, b, s, dtype), logits="none")
+    return lm_logits(c, h_final[:, slot], head_kernel(c, params)), cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sp", "cache_len", "scan_decode"))
 def generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k, top_p, min_new,
                     interventions=None, prefill_pos=None, decode_pos=None, *, sp: SamplingParams,
@@ -192,6 +215,8 @@ def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k,
     if not scan_decode:
         layers, cache, rows = per_layer(c, params, cache, interventions)
 
+    # longrope: can a row's position reach the original context during decode? (static)
+    longrope_switch = c.rope_type == "longrope" and cache_len > c.rope_original_max_position
     eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,))
     out = jnp.full((b, sp.max_new_tokens), sp.pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
@@ -208,12 +233,28 @@ def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k,
         dctx = apply.make_ctx(jnp.ones((b, 1), jnp.int32), positions=(n_prompt + step - 1)[:, None],
                                    cache_index=slot, kv_valid=kv_valid, kv_pos=kv_pos)
         dctx.update(decode_pos or {})
-        if scan_decode:
-            logits, _, cache = apply.decoder_apply(
-                c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
-            logits = logits[:, -1]
+
+        def incremental(cache):
+            if scan_decode:
+                logits, _, cache = apply.decoder_apply(
+                    c, params, last[:, None], dctx, interventions=interventions, cache=cache, logits="last")
+                return logits[:, -1], cache
+            return decode_step(c, params, layers, last[:, None], dctx, cache, rows)
+
+        if longrope_switch:
+            def recompute(cache):
+                seq = jnp.concatenate([tokens, out], axis=1)
+                seq = jnp.pad(seq, ((0, 0), (0, cache_len - seq.shape[1])), constant_values=sp.pad_id)
+                logits, full = _longrope_recompute(c, params, seq, kv_valid, kv_pos, slot, interventions,
+                                                   prefill_pos, decode_pos)
+                if not scan_decode:
+                    full = [{"k": full["k"][l], "v": full["v"][l]} for l in range(c.num_layers)]
+                return logits, full
+
+            crossing = jnp.any(n_prompt + step - 1 == c.rope_original_max_position)
+            logits, cache = jax.lax.cond(crossing, recompute, incremental, cache)
         else:
-            logits, cache = decode_step(c, params, layers, last[:, None], dctx, cache, rows)
+            logits, cache = incremental(cache)
         nxt = _pick(logits, row_keys, step, temperature, top_k, top_p, min_new, sp)
         nxt = jnp.where(done, sp.pad_id, nxt)
         out = out.at[:, step].set(nxt)
