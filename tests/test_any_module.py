@@ -7,6 +7,7 @@ returns, and the same model with the module output edited by hand inside its own
 Our decoder's attention and MLP sites are checked against transformers forward hooks on
 `self_attn` and `mlp`.
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -307,3 +308,52 @@ def test_decoder_attention_and_mlp_sites_equal_hf_hooks(llama):
     plain, _ = hf_run(torch_model, tokens, mask)
     assert np.abs(want - plain)[real].max() > 1e-2  # the interventions matter
     assert cap["hidden"].shape == (L + 1, 2, 9, D)
+
+
+def test_generate_steers_attention_and_mlp_sites_like_hf_hooks(tmp_path):
+    """`Steering.site` in the high-level `generate` (prefill, then the per-layer and the
+    scanned decode paths) against transformers generate with hooks on mlp / self_attn."""
+    d = str(tmp_path)
+    torch_model = tiny_checkpoint(d, "llama", seed=9, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                  initializer_range=0.4)
+    model = pj.load_model(d)
+    L, D = model.num_layers, model.hidden_size
+    rng = np.random.RandomState(10)
+    v_mlp, v_attn = (rng.randn(L, D) * 6).astype(np.float32), rng.randn(L, D).astype(np.float32)
+    steer = [Steering(v_mlp, layer=1, coef=1.5, positions="response", site="mlp"),
+             Steering(v_attn, layer=0, kind="ablate", site="attn")]
+    prompts = ["<|user|>hello there, friend<|end|><|assistant|>", "<|user|>Why?<|end|><|assistant|>"]
+    got = pj.generate(model, prompts, 16, temperature=0, steering=steer, return_tokens=True).tokens
+    scanned = pj.generate(dataclasses.replace(model, scan_decode=True), prompts, 16, temperature=0, steering=steer,
+                          return_tokens=True).tokens
+    plain = pj.generate(model, prompts, 16, temperature=0, return_tokens=True).tokens
+    u = torch.tensor(v_attn[0] / np.linalg.norm(v_attn[0]))
+
+    def mlp_hook(m, args, out):  # response: the last position of every forward call
+        out = out.clone()
+        out[:, -1] += 1.5 * torch.tensor(v_mlp[1])
+        return out
+
+    def attn_hook(m, args, out):
+        h = out[0]
+        return (h - (h @ u)[..., None] * u,) + tuple(out[1:])
+
+    handles = [torch_model.model.layers[1].mlp.register_forward_hook(mlp_hook),
+               torch_model.model.layers[0].self_attn.register_forward_hook(attn_hook)]
+    try:
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([model.tokenizer.encode(p, add_special_tokens=False)])
+            with torch.no_grad():
+                out = torch_model.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                                           eos_token_id=[2])
+            ref = out[0, ids.shape[1]:].tolist()
+            ref = ref[:ref.index(2) + 1] if 2 in ref else ref
+            assert got[i] == ref and scanned[i] == ref
+    finally:
+        for h in handles:
+            h.remove()
+    assert got != plain  # the steering matters
+    with pytest.raises(PersonaError, match="site 'nope'.*'attn', 'mlp'"):
+        pj.generate(model, prompts, 4, steering=Steering(v_mlp, layer=1, site="nope"))
+    with pytest.raises(PersonaError, match=r"shape \(3, 32\).*\(2, 32\)"):
+        pj.generate(model, prompts, 4, steering=Steering(np.zeros((L + 1, D), np.float32), layer=1, site="mlp"))

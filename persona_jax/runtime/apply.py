@@ -40,6 +40,11 @@ def site_rows(config: DecoderConfig) -> dict[str, int]:
     return {name: layout.rows for name, layout in site_layouts(config).items()}
 
 
+def steering_sites(config: DecoderConfig) -> dict[str, int]:
+    """Rows of the sites a `Steering.site` may name (the residual stream is site None)."""
+    return {k: v for k, v in site_rows(config).items() if k != "hidden"}
+
+
 def split_sites(interventions, ctx) -> tuple[dict, dict]:
     """(row arrays, per-call arrays) per site. Top-level keys of `interventions` (row
     arrays) and of `ctx` (add_pos, abl_pos, readout) belong to the `hidden` site; a key
