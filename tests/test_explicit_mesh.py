@@ -184,3 +184,25 @@ def test_other_axis_names_are_a_clear_error_or_renamed(ckpt, single):
           pj.forward(single, tokens, mask).hidden_states)
     with pytest.raises(PersonaError, match="not axes"):
         sh.rename_mesh_axes(mesh, {"x": "data"})
+
+
+def test_decoder_apply_inside_the_users_own_explicit_jit(sharded, single, explicit_mesh):
+    """The jittable core called from a user's function on explicitly sharded arrays, with
+    the user's own Explicit-mode ops around it."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from persona_jax.runtime import apply
+
+    tokens, mask = batch(single)
+    tokens, mask = np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])  # 4 rows for "data"
+    put = lambda x: jax.device_put(x.astype(np.int32), NamedSharding(explicit_mesh, P("data")))
+
+    @jax.jit
+    def user_fn(params, ids, m):
+        _, hidden, _ = apply.decoder_apply(sharded.config, params, ids, apply.make_ctx(m), capture="hidden")
+        return (hidden * m[None, :, :, None]).sum(axis=2)  # [L+1, B, D], under the user's Explicit types
+
+    with jax.set_mesh(explicit_mesh):
+        got = user_fn(sharded.params, put(tokens), put(mask))
+        assert jax.typeof(got).sharding.spec[1] == "data"
+    want = (np.asarray(pj.forward(single, tokens, mask).hidden_states) * mask[None, :, :, None]).sum(axis=2)
+    close(got, want)
