@@ -135,6 +135,22 @@ def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_
     return lg, captured, new_cache
 
 
+def decoder_outputs(config: DecoderConfig, params, tokens, ctx, *, interventions=None, cache=None,
+                    logits=True, remat: bool = False):
+    """The decoder's own outputs (logits | None, h_final [B, T, D] after the final norm,
+    new_cache) with `interventions` applied as in `decoder_apply` (same arguments), for
+    code that needs the final-normed states of every position. No Explicit-mesh handling:
+    call it from a body that `sharding.auto_axes_call` already runs in Auto mode (as
+    `generate_arrays`' is)."""
+    dtype = params["embed_tokens"]["embedding"].dtype
+    rows, calls = split_sites(interventions, ctx)
+    out, _ = sites.apply(
+        Decoder(config, dtype, remat), {"params": params}, tokens, ctx, cache, logits,
+        sites=SITES, layouts=site_layouts(config),
+        interventions={k: {**rows.get(k, {}), **calls.get(k, {})} for k in calls})
+    return out
+
+
 def layer_variables(interventions, layer: int) -> dict:
     """The `interventions` collection of `Block` number `layer` applied on its own (the
     per-layer decode path): row `layer + 1` of the hidden site, row `layer` of attn/mlp."""
