@@ -302,6 +302,9 @@ def _steering_setup(steerings, config: DecoderConfig, rows: int):
 
     steerings = st.as_list(steerings)
     for s in steerings:
+        if s.site is not None:
+            raise PersonaError(f"a training-time steering acts on the residual stream (site None); site {s.site!r} "
+                               "is for inference (generate, decoder_apply)")
         s.validate(config.num_layers, config.hidden_size)
         if np.size(s.coef) != 1 or s.rows_layers is not None:
             raise PersonaError("a training-time steering needs one coefficient for every row; per-row "

@@ -42,6 +42,11 @@ def site_rows(config: DecoderConfig) -> dict[str, int]:
     return {name: layout.rows for name, layout in site_layouts(config).items()}
 
 
+def steering_sites(config: DecoderConfig) -> dict[str, int]:
+    """Rows of the sites a `Steering.site` may name (the residual stream is site None)."""
+    return {k: v for k, v in site_rows(config).items() if k != "hidden"}
+
+
 def split_sites(interventions, ctx) -> tuple[dict, dict]:
     """(row arrays, per-call arrays) per site. Top-level keys of `interventions` (row
     arrays) and of `ctx` (add_pos, abl_pos, readout) belong to the `hidden` site; a key
@@ -135,6 +140,22 @@ def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_
     if not as_dict:
         captured = captured.get("hidden")
     return lg, captured, new_cache
+
+
+def decoder_outputs(config: DecoderConfig, params, tokens, ctx, *, interventions=None, cache=None,
+                    logits=True, remat: bool = False):
+    """The decoder's own outputs (logits | None, h_final [B, T, D] after the final norm,
+    new_cache) with `interventions` applied as in `decoder_apply` (same arguments), for
+    code that needs the final-normed states of every position. No Explicit-mesh handling:
+    call it from a body that `sharding.auto_axes_call` already runs in Auto mode (as
+    `generate_arrays`' is)."""
+    dtype = params["embed_tokens"]["embedding"].dtype
+    rows, calls = split_sites(interventions, ctx)
+    out, _ = sites.apply(
+        Decoder(config, dtype, remat), {"params": params}, tokens, ctx, cache, logits,
+        sites=SITES, layouts=site_layouts(config),
+        interventions={k: {**rows.get(k, {}), **calls.get(k, {})} for k in calls})
+    return out
 
 
 def layer_variables(interventions, layer: int) -> dict:

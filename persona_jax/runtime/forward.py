@@ -7,7 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from persona_jax.model import sharding as sh
 from persona_jax.runtime import batching
 from persona_jax.runtime import apply
 from persona_jax.errors import PersonaError
@@ -45,4 +47,13 @@ def forward(model, input_ids, attention_mask=None) -> ForwardOutput:
         mask = np.concatenate([mask, np.zeros((b_pad - b, mask.shape[1]), mask.dtype)])
     ids, mask = batching.place(model.mesh, ids.astype(np.int32), mask.astype(np.int32))
     logits, hidden = forward_arrays(model.config, model.params, ids, mask)
-    return ForwardOutput(logits=logits[:b], hidden_states=hidden[:, :b])
+    if b_pad != b:
+        logits, hidden = _first_rows(logits, hidden, b)
+    return ForwardOutput(logits=logits, hidden_states=hidden)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _first_rows(logits, hidden, b):
+    """Drop the padding rows (under an Explicit mesh the uneven slice of the data axis
+    is taken in Auto mode and comes back replicated)."""
+    return sh.auto_axes_call(lambda lg, h: (lg[:b], h[:, :b]), (logits, hidden), (P(), P()))

@@ -24,7 +24,7 @@ from persona_jax.runtime import apply
 from persona_jax.steering import interceptor as iv
 from persona_jax.errors import PersonaError
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
-from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays
+from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays, validate_all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +310,8 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
       min_new_tokens: EOS is forbidden before this many tokens.
       seed: results are a deterministic function of (seed, input index).
       steering: one `Steering` or several (applied together); per-row coefficients
-        follow the order of `inputs`.
+        follow the order of `inputs`. `Steering.site` "attn" / "mlp" steers the
+        attention / MLP output of a block (vector [L, D], row i = block i).
       return_tokens: return a `Generation` (texts, token ids, prompts) instead of texts.
     """
     if max_new_tokens < 1:
@@ -323,8 +324,8 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
         if not s:
             raise PersonaError(f"input {i} tokenizes to zero tokens")
     steerings = as_list(steering)
-    for s in steerings:
-        s.validate(model.num_layers, model.hidden_size, len(prompts))
+    site_rows = apply.steering_sites(model.config)
+    validate_all(steerings, model.num_layers, model.hidden_size, len(prompts), site_rows)
     tok = model.require_tokenizer()
     sp = SamplingParams(max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
                         use_top_k=top_k is not None, use_top_p=top_p < 1.0,
@@ -340,7 +341,7 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
         keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(np.maximum(rows_p, 0)))
         interventions = prefill_pos = decode_pos = None
         if steerings:
-            interventions = steering_arrays(steerings, model.num_layers, model.hidden_size, rows_p, bs)
+            interventions = steering_arrays(steerings, model.num_layers, model.hidden_size, rows_p, bs, site_rows)
             prefill_pos = position_masks(steerings, "prefill", mask)
             decode_pos = position_masks(steerings, "decode", np.ones((bs, 1), np.int32))
         tokens, mask = batching.place(model.mesh, tokens, mask)

@@ -183,7 +183,7 @@ def site_arrays(steerings, layout: Layout | int, hidden_size: int, batch: int, m
     {add_pos [K, B, T], abl_pos [J, B, T]} (see `spec.position_masks`). Without a mask
     every position is steered, which is what positions="all" means."""
     rows = layout.rows if isinstance(layout, Layout) else int(layout)
-    steerings = st.as_list(steerings)
+    steerings = [dataclasses.replace(s, site=None) for s in st.as_list(steerings)]  # the one site of the call
     for s in steerings:
         s.validate(rows - 1, hidden_size, batch)
         if mask is None and s.positions != "all":

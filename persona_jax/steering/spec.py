@@ -35,6 +35,10 @@ class Steering:
       the projection on v[l]/|v[l]| entirely).
     rows_layers: optional per-row layer (a sweep: row b steers layer rows_layers[b]
       with coef[b]); overrides `layer`. Build it with `Steering.sweep`.
+    site: None = the residual stream (the rows above); or the name of another site of the
+      model, whose instances are then the rows (our decoder: "attn" and "mlp", the
+      attention and MLP outputs, [L] rows, row i = block i; see `persona_jax.steering.sites`
+      for any linen model).
     """
 
     vector: np.ndarray
@@ -43,6 +47,7 @@ class Steering:
     positions: str = "all"
     kind: str = "add"
     rows_layers: Sequence[int] | None = None
+    site: str | None = None
 
     @classmethod
     def sweep(cls, vector, layers: Sequence[int], coefs: Sequence[float], positions="all", kind="add"):
@@ -93,13 +98,43 @@ def as_list(steering) -> list[Steering]:
     return [steering] if isinstance(steering, Steering) else list(steering)
 
 
+def site_counts(steerings: Sequence[Steering], site_rows: dict | None, num_layers: int) -> dict:
+    """{site: row count} of the sites the steerings use (None = the residual stream,
+    num_layers + 1 rows); an unknown site is a PersonaError that lists the known ones."""
+    known = {None: num_layers + 1, **{k: v for k, v in (site_rows or {}).items() if k is not None}}
+    for s in steerings:
+        if s.site not in known:
+            names = ", ".join(repr(k) for k in known if k is not None) or "none besides the residual stream"
+            raise PersonaError(f"steering site {s.site!r} is not a site of this model; it has: None "
+                               f"(the residual stream), {names}")
+    return known
+
+
+def validate_all(steerings: Sequence[Steering], num_layers: int, hidden_size: int, batch: int | None = None,
+                 site_rows: dict | None = None):
+    """`Steering.validate` for each, against the rows of its own site."""
+    known = site_counts(steerings, site_rows, num_layers)
+    for s in steerings:
+        s.validate(known[s.site] - 1, hidden_size, batch)
+
+
 def steering_arrays(steerings: Sequence[Steering], num_layers: int, hidden_size: int,
-                    rows: np.ndarray, batch: int) -> dict:
+                    rows: np.ndarray, batch: int, site_rows: dict | None = None) -> dict:
     """Intervention arrays for a batch whose row b is input `rows[b]` (-1 = padding row).
 
     Returns {add_vec [L+1,K,D], add_coef [L+1,K,B], abl_dir, abl_coef} (only the kinds
-    present); position masks are built per call by `position_masks`.
+    present) for the residual stream, and under the key of each other site used
+    (`Steering.site`, with its row count N in `site_rows`) the same dict of [N, ...]
+    arrays; position masks are built per call by `position_masks`.
     """
+    known = site_counts(steerings, site_rows, num_layers)
+    out = _site_arrays([s for s in steerings if s.site is None], num_layers, rows, batch)
+    for site in dict.fromkeys(s.site for s in steerings if s.site is not None):
+        out[site] = _site_arrays([s for s in steerings if s.site == site], known[site] - 1, rows, batch)
+    return out
+
+
+def _site_arrays(steerings: Sequence[Steering], num_layers: int, rows: np.ndarray, batch: int) -> dict:
     out = {}
     real = rows >= 0
     for kind, vec_key, coef_key in (("add", "add_vec", "add_coef"), ("ablate", "abl_dir", "abl_coef")):
@@ -128,8 +163,16 @@ def position_masks(steerings: Sequence[Steering], phase: Phase, attention_mask: 
 
     attention_mask: [B, T] of this call's tokens (1 = real). In `prefill` (and `train`,
     a teacher-forced forward), `response` marks each row's last real token; in `decode`
-    (T = 1) every new token.
+    (T = 1) every new token. Steerings of another site (`Steering.site`) get their
+    masks under that site's key.
     """
+    out = _position_masks([s for s in steerings if s.site is None], phase, attention_mask)
+    for site in dict.fromkeys(s.site for s in steerings if s.site is not None):
+        out[site] = _position_masks([s for s in steerings if s.site == site], phase, attention_mask)
+    return out
+
+
+def _position_masks(steerings: Sequence[Steering], phase: Phase, attention_mask: np.ndarray) -> dict:
     b, t = attention_mask.shape
     last = np.zeros((b, t), np.float32)
     has = attention_mask.sum(1) > 0
