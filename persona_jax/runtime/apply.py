@@ -123,17 +123,25 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
         (params, tokens, ctx, interventions, cache), out_specs)
 
 
-def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_dict, logits, right_padded, remat):
+def _run(config, params, tokens, ctx, interventions, cache, logits, right_padded, remat, modes):
+    """The decoder under interventions and capture at our sites: ((logits, h_final,
+    new_cache), {site: captured}, per-call arrays by site)."""
     dtype = params["embed_tokens"]["embedding"].dtype
     rows, calls = split_sites(interventions, ctx)
     for name in modes:  # a site captured with readout weights reads ctx["readout"] unless it has its own
         calls.setdefault(name, {})
         if "readout" not in calls[name] and "readout" in ctx:
             calls[name]["readout"] = ctx["readout"]
-    (lg, h_final, new_cache), captured = sites.apply(
+    out, captured = sites.apply(
         Decoder(config, dtype, remat, right_padded), {"params": params}, tokens, ctx, cache, logits,
         sites=SITES, layouts=site_layouts(config),
         interventions={k: {**rows.get(k, {}), **calls.get(k, {})} for k in calls}, capture=modes)
+    return out, captured, calls
+
+
+def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_dict, logits, right_padded, remat):
+    (lg, h_final, new_cache), captured, calls = _run(config, params, tokens, ctx, interventions, cache, logits,
+                                                     right_padded, remat, modes)
     if "hidden" in captured:  # state L is read after the final norm (the HF convention)
         last = h_final if modes["hidden"] == "output" else iv.readout(h_final, calls["hidden"]["readout"])
         captured["hidden"] = jnp.concatenate([captured["hidden"][:-1], last[None]], axis=0)
@@ -143,19 +151,13 @@ def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_
 
 
 def decoder_outputs(config: DecoderConfig, params, tokens, ctx, *, interventions=None, cache=None,
-                    logits=True, remat: bool = False):
+                    logits: Literal["all", "last", "none"] = "all", remat: bool = False):
     """The decoder's own outputs (logits | None, h_final [B, T, D] after the final norm,
     new_cache) with `interventions` applied as in `decoder_apply` (same arguments), for
     code that needs the final-normed states of every position. No Explicit-mesh handling:
     call it from a body that `sharding.auto_axes_call` already runs in Auto mode (as
     `generate_arrays`' is)."""
-    dtype = params["embed_tokens"]["embedding"].dtype
-    rows, calls = split_sites(interventions, ctx)
-    out, _ = sites.apply(
-        Decoder(config, dtype, remat), {"params": params}, tokens, ctx, cache, logits,
-        sites=SITES, layouts=site_layouts(config),
-        interventions={k: {**rows.get(k, {}), **calls.get(k, {})} for k in calls})
-    return out
+    return _run(config, params, tokens, ctx, interventions, cache, logits, False, remat, {})[0]
 
 
 def layer_variables(interventions, layer: int) -> dict:
