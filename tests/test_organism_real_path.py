@@ -9,6 +9,7 @@ both commands as subprocesses on a small budget.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -258,3 +259,12 @@ def test_real_path_matches_the_organism_main_job(tmp_path):
         se_ = math.sqrt(np.nanvar(tm, ddof=1) / np.isfinite(tm).sum() + np.nanvar(tr, ddof=1) / np.isfinite(tr).sum())
         assert abs(per_m[cm]["trait"] - per_r[cr]["trait"]) <= 4 * se_ + 1e-9, (cm, per_m[cm], per_r[cr], se_)
     assert real["monitoring"]["n_conditions"] == 11 and main["monitoring"]["n_conditions"] == 14
+
+    # and the conditions are the only difference: the main job's own judge and model path,
+    # with the trait files as its source, monitors exactly as the real path does
+    files_wd = tmp_path / "main_files"
+    shutil.copytree(m, files_wd / "evil", ignore=shutil.ignore_patterns("monitor*"))
+    files = _pipeline("configs/organism.py", files_wd,
+                      ["--config.trait_source=files", f"--config.trait_dir={traits_dir}"])
+    assert (files_wd / "evil" / "monitor.csv").read_bytes() == (r / "monitor.csv").read_bytes()
+    assert files["monitoring"] == real["monitoring"]
