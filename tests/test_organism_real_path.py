@@ -209,7 +209,8 @@ def test_real_path_matches_the_organism_main_job(tmp_path):
     the same seed: extraction and steering are the same computation, so every CSV and
     vector is identical; monitoring has other conditions (FileTraits: the 5 neg and 5 pos
     instructions and none; the organism: a 10-rung ladder, none, 1-3 shots), so rows sit
-    at other sampling indices and only the shared conditions compare."""
+    at other sampling indices and only the shared conditions compare -- and the main job
+    with the trait files as its source monitors exactly as the real path does."""
     import torch
 
     from persona_jax.io.csvio import parse_score, read_csv
