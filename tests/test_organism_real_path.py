@@ -9,6 +9,7 @@ both commands as subprocesses on a small budget.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,3 +186,86 @@ def test_assets_cli_writes_the_reference_layout(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.organism_assets", f"--out={tmp_path / 'x'}",
                         "--traits=evil,bogus"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown organism trait") and not (tmp_path / "x").exists()
+
+
+# ---- the pipeline both ways, small budget ---------------------------------------------
+SMALL = ["--config.traits=('evil',)", "--config.progress=False",
+         "--config.extract.n_per_question=1",
+         "--config.steer.layers=(3,4)", "--config.steer.coefs=(0.0,2.5,10.0)",
+         "--config.steer.n_questions=4", "--config.steer.n_per_question=2",
+         "--config.monitor.n_questions=4", "--config.monitor.n_per_question=2"]
+
+
+def _pipeline(config, workdir, extra=(), env=None):
+    cmd = [sys.executable, "-m", "experiments.pipeline", f"--config={config}", f"--workdir={workdir}", *SMALL, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((workdir / "report.json").read_text())["traits"]["evil"]
+
+
+def test_real_path_matches_the_organism_main_job(tmp_path):
+    """configs/organism_real_path.py (trait files, OpenAI-compatible judge over HTTP, the
+    checkpoint by path) against configs/organism.py (in-memory artifacts, OrganismJudge) at
+    the same seed: extraction and steering are the same computation, so every CSV and
+    vector is identical; monitoring has other conditions (FileTraits: the 5 neg and 5 pos
+    instructions and none; the organism: a 10-rung ladder, none, 1-3 shots), so rows sit
+    at other sampling indices and only the shared conditions compare -- and the main job
+    with the trait files as its source monitors exactly as the real path does."""
+    import torch
+
+    from persona_jax.io.csvio import parse_score, read_csv
+    from persona_jax.organism.provider import organism_path
+    from persona_jax.method.traits import system_prompt
+
+    traits_dir = tmp_path / "traits"
+    artifacts.write_trait_artifacts(str(traits_dir), ("evil",))
+    main_wd, real_wd = tmp_path / "main", tmp_path / "real"
+    main = _pipeline("configs/organism.py", main_wd)
+    with OrganismJudgeServer() as srv:
+        real = _pipeline("configs/organism_real_path.py", real_wd,
+                         [f"--config.model={organism_path()}", f"--config.trait_dir={traits_dir}",
+                          f"--config.judge.base_url={srv.url}"],
+                         env={**os.environ, "OPENAI_API_KEY": "local"})
+        counts = dict(srv.counts)
+    assert counts.get("evil", 0) > 0 and counts.get("coherence", 0) > 0 and "unknown" not in counts
+    m, r = main_wd / "evil", real_wd / "evil"
+
+    # extraction and steering: the same bytes, the same report figures
+    for f in ("evil_pos_instruct.csv", "evil_neg_instruct.csv", "steer_sweep.csv", "steer_random.csv",
+              "steer_negative.csv"):
+        assert (m / f).read_bytes() == (r / f).read_bytes(), f
+    for red in ("prompt_avg", "prompt_last", "response_avg"):
+        a, b = (torch.load(d / f"evil_{red}_diff.pt") for d in (m, r))
+        assert a.shape == (5, 192) and torch.equal(a, b), red
+    assert {k: v for k, v in main["extraction"].items() if k != "vectors"} == \
+        {k: v for k, v in real["extraction"].items() if k != "vectors"}
+    assert main["extraction"]["n_kept"] > 0
+    assert main["steering"] == real["steering"]
+    assert main["layer"] == real["layer"]
+
+    # monitoring: every score the real path got over HTTP is the organism judge's, exactly
+    _, rows = read_csv(r / "monitor.csv")
+    assert [parse_score(x["evil"]) for x in rows] == [oj.trait_score("evil", x["answer"], x["question"]) for x in rows]
+    assert [parse_score(x["coherence"]) for x in rows] == [oj.coherence_score(x["question"], x["answer"]) for x in rows]
+    # the shared conditions: the same prompt text, so the same last-token projection; the
+    # trait means are two samples of one distribution, within 4 standard errors
+    assert artifacts.system_prompt_ladder("evil")[-1].system == system_prompt("evil", "evil", artifacts.trait_artifact("evil")["instruction"][0]["pos"])
+    per_m = {c["condition"]: c for c in main["monitoring"]["conditions"]}
+    per_r = {c["condition"]: c for c in real["monitoring"]["conditions"]}
+    _, rows_m = read_csv(m / "monitor.csv")
+    for cm, cr in (("none", "none"), ("pos_instruction", "pos0")):
+        assert per_m[cm]["prompt_last_proj"] == pytest.approx(per_r[cr]["prompt_last_proj"], rel=1e-5, abs=1e-5)
+        tm = np.array([parse_score(x["evil"]) for x in rows_m if x["condition"] == cm], float)
+        tr = np.array([parse_score(x["evil"]) for x in rows if x["condition"] == cr], float)
+        se_ = math.sqrt(np.nanvar(tm, ddof=1) / np.isfinite(tm).sum() + np.nanvar(tr, ddof=1) / np.isfinite(tr).sum())
+        assert abs(per_m[cm]["trait"] - per_r[cr]["trait"]) <= 4 * se_ + 1e-9, (cm, per_m[cm], per_r[cr], se_)
+    assert real["monitoring"]["n_conditions"] == 11 and main["monitoring"]["n_conditions"] == 14
+
+    # and the conditions are the only difference: the main job's own judge and model path,
+    # with the trait files as its source, monitors exactly as the real path does
+    files_wd = tmp_path / "main_files"
+    shutil.copytree(m, files_wd / "evil", ignore=shutil.ignore_patterns("monitor*"))
+    files = _pipeline("configs/organism.py", files_wd,
+                      ["--config.trait_source=files", f"--config.trait_dir={traits_dir}"])
+    assert (files_wd / "evil" / "monitor.csv").read_bytes() == (r / "monitor.csv").read_bytes()
+    assert files["monitoring"] == real["monitoring"]
