@@ -61,7 +61,7 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     source = trait_source(cfg)
     check_inputs(source, cfg)
     os.makedirs(workdir, exist_ok=True)
-    judge = make_judge(cfg.judge, workdir) if need_judge else None
+    judge = make_judge(cfg.judge, workdir, progress=bool(cfg.progress)) if need_judge else None
     if judge is not None and cfg.judge.kind == "openai":
         probe_judge(judge)
     _write_config(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -96,13 +96,14 @@ def _write_config(path: str, config: dict) -> None:
         json.dump(config, f, indent=2)
 
 
-def make_judge(cfg, workdir: str):
-    """cfg: the `judge` ConfigDict (kind = openai | local | organism)."""
+def make_judge(cfg, workdir: str, progress: bool = True):
+    """cfg: the `judge` ConfigDict (kind = openai | local | organism); progress: the
+    OpenAI judge's bar over requests."""
     if cfg.kind == "openai":
         from persona_jax.judges.openai_judge import OpenAIJudge
         return OpenAIJudge(cfg.model, base_url=cfg.base_url or None, api_key_env=cfg.api_key_env,
                            aggregation=cfg.aggregation, max_concurrency=int(cfg.max_concurrency),
-                           cache_path=os.path.join(workdir, "judge_cache.sqlite"))
+                           cache_path=os.path.join(workdir, "judge_cache.sqlite"), progress=progress)
     if cfg.kind == "local":
         from persona_jax.judges.local_judge import LocalJudge
         from persona_jax.model import load_model
