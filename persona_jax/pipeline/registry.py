@@ -82,7 +82,10 @@ def run(model, judge, source, cfg, workdir: str, progress: bool = True) -> dict:
     if unknown:
         raise PersonaError(f"unknown pipeline step(s) {unknown}; known: {', '.join(STEPS)}")
     os.makedirs(workdir, exist_ok=True)
-    report = {"model": model.name, "config": cfg.to_dict(), "traits": {}}
+    # the method's instructions are system prompts: say when the chat template folded
+    # them into the first user turn (Gemma 2's template rejects a system role)
+    report = {"model": model.name, "config": cfg.to_dict(),
+              "folds_system_prompt": bool(getattr(model, "folds_system_prompt", False)), "traits": {}}
     for name in cfg.traits:
         logging.info("trait %s", name)
         ctx = StepContext(model, judge, source, name, cfg, workdir, progress)

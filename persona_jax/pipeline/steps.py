@@ -300,6 +300,9 @@ def _fmt(x, nd=1):
 @writer_only
 def write_markdown(report: dict, path: str):
     lines = ["# Persona pipeline report", "", f"Model: `{report['model']}`", ""]
+    if report.get("folds_system_prompt"):
+        lines += ["The model's chat template rejects a system role: every system prompt (the contrastive "
+                  "instructions included) was folded into the first user turn.", ""]
     lines += ["| trait | kept pairs | layer | baseline | best gain (coef) | random delta | negative delta | monitor r (n) |",
               "|---|---|---|---|---|---|---|---|"]
     for name, e in report["traits"].items():
