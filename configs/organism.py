@@ -42,4 +42,5 @@ def get_config():
     c.monitor.max_new_tokens = 100
     c.monitor.batch_size = 256
     c.monitor.chunk_size = 2048
+    c.monitor.shots = (0, 1, 2, 3)  # file-trait runs of the organism: its 256-token context holds a few shots
     return c
