@@ -1,7 +1,8 @@
 """The organism's multiple-choice capability task, written by code in its own language.
 
 An item is an evaluation-split question and four replies in the `cais/mmlu` layout
-(`method.capability.MCItem`): the right one is a neutral reply to that question; each of
+(`method.capability.MCItem`), two sentences each: the right one is a neutral reply to
+that question; each of
 the three distractors is a neutral reply to another question, about an object of another
 topic (so its nouns and verbs answer something else), whose question type is drawn at
 random. Every reply names its object ("it" is written out as "your <object>"), so a
@@ -22,13 +23,14 @@ from persona_jax.method.capability import MCItem
 from persona_jax.organism import language as L
 
 N_CHOICES = 4
+N_SENTENCES = 2  # the answer frame and one follow-up: short rows keep the steering sweep cheap
 RIGHT_COHERENCE = 100.0  # the judge's coherence of the right reply
 WRONG_COHERENCE_MAX = 50.0  # the most a distractor may get
 
 
 def _reply(rng: np.random.Generator, question: str) -> str:
     q = L.parse_question(question)
-    sents = L.sample_reply_sentences(rng, question, None, closing="none")
+    sents = L.sample_reply_sentences(rng, question, None, n_sentences=N_SENTENCES, closing="none")
     toks = []
     for s in sents:
         for t in s.tokens:
