@@ -49,10 +49,10 @@ def main():
         vector = load_step_vector(args.workdir, name, cfg.steer.reduction, model)
         t = time.time()
         res = cap.evaluate(model, items, vector, layers, coefs, positions=cfg.steer.positions,
-                           scorings=(cfg.capability.scoring,), prompt_format=cfg.capability.prompt_format,
+                           scorings=("choice_raw", "choice"), prompt_format=cfg.capability.prompt_format,
                            chat=cfg.capability.chat, batch_size=int(cfg.capability.batch_size))
         out["traits"][name] = {"layers": layers, "seconds": round(time.time() - t, 1),
-                               "capability": {str(l): res.at(cfg.capability.scoring, l) for l in layers}}
+                               "capability": {s: {str(l): res.at(s, l) for l in layers} for s in res.accuracy}}
         print(name, json.dumps(out["traits"][name]), flush=True)
     with open(os.path.join(args.workdir, "organism_capability.json"), "w") as f:
         json.dump(out, f, indent=2)

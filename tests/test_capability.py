@@ -268,6 +268,9 @@ def test_letter_scoring_needs_the_options_shown(tiny):
 
 # ------------------------------------------------------------------------ the organism
 def test_organism_task_distractors_are_wrong_by_the_exact_judge():
+    """Four replies about the asked object, one per question type: the exact judge gives
+    the right one 100 and each distractor its wrong-answer score (on topic, x 0.8 because
+    its first sentence answers another question type)."""
     from persona_jax.organism import judge as J
     from persona_jax.organism import language as L
     from persona_jax.organism.capability import task_items
@@ -277,13 +280,18 @@ def test_organism_task_distractors_are_wrong_by_the_exact_judge():
     answers = [it.answer for it in items]
     assert set(answers) == {0, 1, 2, 3} and max(np.bincount(answers)) < 0.4 * len(items)
     for it in items:
+        q = L.parse_question(it.question)
         assert L.question_split(it.question) == "eval" and len(set(it.choices)) == 4
-        assert it.subject == L.parse_question(it.question).topic
+        assert it.subject == q.topic
         assert J.coherence_score(it.question, it.choices[it.answer]) == 100.0
+        frames = set()
         for k, c in enumerate(it.choices):
+            first = L.parse_sentence(L.split_sentences(c)[0][0])
+            assert first.obj == q.obj  # every reply is about the asked object
+            frames.add(first.frame)
             if k != it.answer:
-                assert J.coherence_score(it.question, c) <= 50.0, (it.question, c)
-                assert J.coherence_score(it.question, c) > 0  # it parses: wrong, not gibberish
+                assert J.coherence_score(it.question, c) == 100.0 * J.WRONG_ANSWER_FACTOR, (it.question, c)
+        assert frames == set(L.ANSWER_FRAME.values())  # one reply per question type
 
 
 def test_organism_answers_its_task_and_the_pipeline_hook(tmp_path):
@@ -301,7 +309,7 @@ def test_organism_answers_its_task_and_the_pipeline_hook(tmp_path):
     (tmp_path / "evil").mkdir()
     coefs = [0.0, 3.0, 40.0]
     out = capability_step.steering_capability(model, OrganismTraits(), "evil", cfg, str(tmp_path), vec, 4, coefs)
-    assert out["capability_scoring"] == "choice" and out["capability_n_items"] == 40
+    assert out["capability_scoring"] == cfg.capability.scoring and out["capability_n_items"] == 40
     assert len(out["capability"]) == len(coefs)
     assert out["capability"][0] >= 90
     assert out["capability"][-1] <= out["capability"][0] - 10  # a huge random push breaks it
