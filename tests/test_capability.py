@@ -171,6 +171,13 @@ def test_sweep_in_one_call_equals_separate_calls(tiny, vec):
                 np.testing.assert_allclose(a["choice_logprobs"], b["choice_logprobs"], atol=1e-4)
             for s in cap.SCORINGS:
                 assert one.accuracy[s][i, j] == sep.accuracy[s][0, 0]
+    # the public scorer with one per-row-coefficient Steering (no per-row layers) agrees
+    rows3 = [r for r in one.rows if r["layer"] == 3]
+    prompts = [cap.render_prompt(model, ITEMS[r["index"]]) for r in rows3]
+    p_ids, c_ids = cap.continuation_ids(model, prompts, [ITEMS[r["index"]].choices[0] for r in rows3])
+    got = cap.score_continuations(model, p_ids, c_ids, pj.Steering(vec, layer=3, coef=[r["coef"] for r in rows3],
+                                                                    positions="response"), batch_size=4)
+    np.testing.assert_allclose(got, [r["choice_logprobs"][0] for r in rows3], atol=1e-4)
     # coefficient 0 is the unsteered model at every layer
     plain = cap.evaluate(model, ITEMS, scorings=("letter",))
     for r in one.rows:
