@@ -21,8 +21,10 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "openai>=1.50",
+        "pandas>=2.1",  # multiple-choice items from CSV / parquet (method/capability.py)
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0"],
+        "parquet": ["pyarrow>=14"],  # capability items in .parquet (cais/mmlu's own files)
     },
 )
