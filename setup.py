@@ -23,8 +23,10 @@ setup(
         "matplotlib>=3.8",
         "scipy>=1.11",
         "openai>=1.50",
+        "pandas>=2.1",  # multiple-choice items from CSV / parquet (method/capability.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "pandas>=2.0"],
+        "test": ["pytest>=8", "torch==2.13.0"],
+        "parquet": ["pyarrow>=14"],  # capability items in .parquet (cais/mmlu's own files)
     },
 )

@@ -32,9 +32,9 @@ def get_config():
     c.steer.batch_size = 256
     c.steer.chunk_size = 2048
 
-    # capability: the organism's own task (which of four replies answers the question),
-    # scored by the length-normalised log-likelihood of each reply after the bare question
-    c.capability.scoring = "choice"
+    # capability: the organism's own task (which of four replies about the asked object
+    # answers the question), scored by each reply's log-likelihood after the bare question
+    c.capability.scoring = "choice_raw"
     c.capability.prompt_format = "question"
     c.capability.batch_size = 256
 

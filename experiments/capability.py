@@ -23,7 +23,7 @@ _LAYERS = flags.DEFINE_list("layers", [], "hidden-state indices to steer (with -
 _COEFS = flags.DEFINE_list("coefs", ["0"], "steering coefficients (with --vector)")
 _POSITIONS = flags.DEFINE_enum("positions", "response", ["all", "prompt", "response"], "steered positions")
 _SCORING = flags.DEFINE_list("scoring", None, "letter, choice, choice_raw (default: letter,choice; "
-                             "choice for the organism)")
+                             "choice_raw,choice for the organism)")
 _FORMAT = flags.DEFINE_enum("prompt_format", None, ["mmlu", "question"], "prompt text (default: mmlu; "
                             "question for the organism)")
 _CHAT = flags.DEFINE_boolean("chat", True, "put the prompt in a user turn of the chat template")
@@ -42,7 +42,7 @@ def main(argv):
     from persona_jax.method import capability as cap
 
     organism = _DATA.value == "organism"
-    scorings = _SCORING.value or (["choice"] if organism else ["letter", "choice"])
+    scorings = _SCORING.value or (["choice_raw", "choice"] if organism else ["letter", "choice"])
     prompt_format = _FORMAT.value or ("question" if organism else "mmlu")
     try:
         layers = [int(l) for l in _LAYERS.value]

@@ -158,9 +158,9 @@ def test_sweep_in_one_call_equals_separate_calls(tiny, vec):
     """Layers x coefficients as per-row steering in one call (rows sorted and batched
     across settings) give each setting's scores of a call of its own."""
     model, _ = tiny
-    layers, coefs = [1, 3], [0.0, 2.0, -4.0]
+    layers, coefs = [1, 3], [0.0, -4.0]
     one = cap.evaluate(model, ITEMS, vec, layers, coefs, scorings=cap.SCORINGS, batch_size=8)
-    assert one.accuracy["letter"].shape == (2, 3)
+    assert one.accuracy["letter"].shape == (2, 2)
     for i, l in enumerate(layers):
         for j, c in enumerate(coefs):
             sep = cap.evaluate(model, ITEMS, vec, [l], [c], scorings=cap.SCORINGS, batch_size=3)
@@ -171,6 +171,13 @@ def test_sweep_in_one_call_equals_separate_calls(tiny, vec):
                 np.testing.assert_allclose(a["choice_logprobs"], b["choice_logprobs"], atol=1e-4)
             for s in cap.SCORINGS:
                 assert one.accuracy[s][i, j] == sep.accuracy[s][0, 0]
+    # the public scorer with one per-row-coefficient Steering (no per-row layers) agrees
+    rows3 = [r for r in one.rows if r["layer"] == 3]
+    prompts = [cap.render_prompt(model, ITEMS[r["index"]]) for r in rows3]
+    p_ids, c_ids = cap.continuation_ids(model, prompts, [ITEMS[r["index"]].choices[0] for r in rows3])
+    got = cap.score_continuations(model, p_ids, c_ids, pj.Steering(vec, layer=3, coef=[r["coef"] for r in rows3],
+                                                                    positions="response"), batch_size=4)
+    np.testing.assert_allclose(got, [r["choice_logprobs"][0] for r in rows3], atol=1e-4)
     # coefficient 0 is the unsteered model at every layer
     plain = cap.evaluate(model, ITEMS, scorings=("letter",))
     for r in one.rows:
@@ -181,8 +188,8 @@ def test_sweep_in_one_call_equals_separate_calls(tiny, vec):
 def test_sweep_on_a_mesh_equals_single_device(tiny, vec, tmp_path_factory):
     model, _ = tiny
     meshed = pj.load_model(model.name, mesh=pj.make_mesh(data=4, model=2))
-    a = cap.evaluate(model, ITEMS, vec, [2], [0.0, 5.0], scorings=("letter", "choice"), batch_size=4)
-    b = cap.evaluate(meshed, ITEMS, vec, [2], [0.0, 5.0], scorings=("letter", "choice"), batch_size=4)
+    a = cap.evaluate(model, ITEMS[:4], vec, [2], [5.0], scorings=("letter", "choice"), batch_size=8)
+    b = cap.evaluate(meshed, ITEMS[:4], vec, [2], [5.0], scorings=("letter", "choice"), batch_size=8)
     for x, y in zip(a.rows, b.rows):
         np.testing.assert_allclose(x["letter_logprobs"], y["letter_logprobs"], atol=1e-4)
         np.testing.assert_allclose(x["choice_logprobs"], y["choice_logprobs"], atol=1e-3)
@@ -268,6 +275,9 @@ def test_letter_scoring_needs_the_options_shown(tiny):
 
 # ------------------------------------------------------------------------ the organism
 def test_organism_task_distractors_are_wrong_by_the_exact_judge():
+    """Four replies about the asked object, one per question type: the exact judge gives
+    the right one 100 and each distractor its wrong-answer score (on topic, x 0.8 because
+    its first sentence answers another question type)."""
     from persona_jax.organism import judge as J
     from persona_jax.organism import language as L
     from persona_jax.organism.capability import task_items
@@ -277,13 +287,18 @@ def test_organism_task_distractors_are_wrong_by_the_exact_judge():
     answers = [it.answer for it in items]
     assert set(answers) == {0, 1, 2, 3} and max(np.bincount(answers)) < 0.4 * len(items)
     for it in items:
+        q = L.parse_question(it.question)
         assert L.question_split(it.question) == "eval" and len(set(it.choices)) == 4
-        assert it.subject == L.parse_question(it.question).topic
+        assert it.subject == q.topic
         assert J.coherence_score(it.question, it.choices[it.answer]) == 100.0
+        frames = set()
         for k, c in enumerate(it.choices):
+            first = L.parse_sentence(L.split_sentences(c)[0][0])
+            assert first.obj == q.obj  # every reply is about the asked object
+            frames.add(first.frame)
             if k != it.answer:
-                assert J.coherence_score(it.question, c) <= 50.0, (it.question, c)
-                assert J.coherence_score(it.question, c) > 0  # it parses: wrong, not gibberish
+                assert J.coherence_score(it.question, c) == 100.0 * J.WRONG_ANSWER_FACTOR, (it.question, c)
+        assert frames == set(L.ANSWER_FRAME.values())  # one reply per question type
 
 
 def test_organism_answers_its_task_and_the_pipeline_hook(tmp_path):
@@ -301,7 +316,7 @@ def test_organism_answers_its_task_and_the_pipeline_hook(tmp_path):
     (tmp_path / "evil").mkdir()
     coefs = [0.0, 3.0, 40.0]
     out = capability_step.steering_capability(model, OrganismTraits(), "evil", cfg, str(tmp_path), vec, 4, coefs)
-    assert out["capability_scoring"] == "choice" and out["capability_n_items"] == 40
+    assert out["capability_scoring"] == cfg.capability.scoring and out["capability_n_items"] == 40
     assert len(out["capability"]) == len(coefs)
     assert out["capability"][0] >= 90
     assert out["capability"][-1] <= out["capability"][0] - 10  # a huge random push breaks it
@@ -326,17 +341,17 @@ def test_runner_writes_csv_and_report(tiny, vec, tmp_path):
     np.save(tmp_path / "v.npy", vec)
     wd = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.capability", f"--model={model.name}", f"--data={data}",
-           f"--workdir={wd}", f"--vector={tmp_path / 'v.npy'}", "--layers=1,2", "--coefs=0,2", "--dtype=float32"]
+           f"--workdir={wd}", f"--vector={tmp_path / 'v.npy'}", "--layers=2", "--coefs=0,2", "--dtype=float32"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((wd / "report.json").read_text())
-    want = cap.evaluate(model, ITEMS, vec, [1, 2], [0.0, 2.0])
-    assert report["layers"] == [1, 2] and report["coefs"] == [0.0, 2.0]
+    want = cap.evaluate(model, ITEMS, vec, [2], [0.0, 2.0])
+    assert report["layers"] == [2] and report["coefs"] == [0.0, 2.0]
     for s in ("letter", "choice"):
         np.testing.assert_allclose(report["accuracy"][s], want.accuracy[s])
     import pandas as pd
     frame = pd.read_csv(wd / "capability.csv")
-    assert len(frame) == 2 * 2 * len(ITEMS)
+    assert len(frame) == 2 * len(ITEMS)
     assert "| 2 | 2 |" in (wd / "report.md").read_text()
 
 

@@ -197,7 +197,9 @@ def delimiter(chat: bool) -> str:
 def continuation_ids(model, prompts: Sequence[str], continuations: Sequence[str]):
     """(prompt ids, continuation ids) per pair: the continuation's tokens are those of
     prompt + continuation after the prompt's own, or its own tokens if the boundary merges."""
-    p_ids = tokenize(model, list(prompts))
+    unique = list(dict.fromkeys(prompts))  # an item's prompt repeats once per option
+    by_text = dict(zip(unique, tokenize(model, unique)))
+    p_ids = [by_text[p] for p in prompts]
     full = tokenize(model, [p + c for p, c in zip(prompts, continuations)])
     out = []
     for i, (p, f) in enumerate(zip(p_ids, full)):
@@ -264,6 +266,12 @@ def teacher_forced_masks(steerings: Sequence[Steering], prompt_lens: np.ndarray,
     return out
 
 
+def padded_length(n: int) -> int:
+    """Padded length of a batch whose longest row has n tokens: multiples of 16 up to 64
+    (short multiple-choice rows), then `capture.length_bucket`."""
+    return -(-max(n, 1) // 16) * 16 if n <= 64 else length_bucket(n)
+
+
 def _batches(n: int, lengths: Sequence[int], model, batch_size: int):
     order = sorted(range(n), key=lambda i: lengths[i])
     bs = batching.grow_batch(min(batch_size, n), batching.batch_multiple(model.mesh))
@@ -279,6 +287,24 @@ def _check(model, steerings, n):
         s.validate(model.num_layers, model.hidden_size, n)
 
 
+def _batch_arrays(model, steerings, idx, bs):
+    """Intervention arrays for the batch of inputs `idx` (then bs - len(idx) padding
+    rows): per-row coefficients and layers are sliced to the batch first, so a sweep of
+    many rows costs O(batch) per call."""
+    local = []
+    for s in steerings:
+        coef = np.atleast_1d(np.asarray(s.coef, np.float32))
+        per_row = coef.size > 1 or s.rows_layers is not None
+        if per_row:
+            s = dataclasses.replace(
+                s, coef=np.broadcast_to(coef, (max(coef.size, 0 if s.rows_layers is None else len(s.rows_layers)),))[idx].tolist(),
+                rows_layers=None if s.rows_layers is None else [int(s.rows_layers[i]) for i in idx])
+        local.append(s)
+    rows = np.full(bs, -1)
+    rows[: len(idx)] = np.arange(len(idx))
+    return steering_arrays(local, model.num_layers, model.hidden_size, rows, bs)
+
+
 def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.ndarray, steering=None,
                       batch_size: int = 16, progress: bool = False) -> np.ndarray:
     """[N, C] log-probabilities of `targets` [N, C] (token ids) as the next token after each
@@ -291,12 +317,12 @@ def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.nd
     lengths = [len(p) for p in prompt_ids]
     for idx, rows, bs in tqdm(list(_batches(n, lengths, model, batch_size)), desc="letters", disable=not progress):
         seqs = [prompt_ids[r] if r >= 0 else [model.pad_token_id] for r in rows]
-        tokens, mask = batching.pad_rows(seqs, length_bucket(max(len(s) for s in seqs)), model.pad_token_id, left=True)
+        tokens, mask = batching.pad_rows(seqs, padded_length(max(len(s) for s in seqs)), model.pad_token_id, left=True)
         tg = np.zeros((bs, targets.shape[1]), np.int32)
         tg[: len(idx)] = targets[idx]
         interventions = pos = None
         if steerings:
-            interventions = steering_arrays(steerings, model.num_layers, model.hidden_size, rows, bs)
+            interventions = _batch_arrays(model, steerings, idx, bs)
             pos = position_masks(steerings, "prefill", mask)
         tokens, mask, tg = batching.place(model.mesh, tokens, mask, tg)
         res = batching.to_host(next_token_logprobs(model.config, model.params, tokens, mask, tg, interventions, pos))
@@ -316,7 +342,7 @@ def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Se
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, cont_ids)]
     for idx, rows, bs in tqdm(list(_batches(n, lengths, model, batch_size)), desc="choices", disable=not progress):
         seqs = [list(prompt_ids[r]) + list(cont_ids[r]) if r >= 0 else [model.pad_token_id] for r in rows]
-        length = length_bucket(max(len(s) for s in seqs))
+        length = padded_length(max(len(s) for s in seqs))
         tokens, _ = batching.pad_rows(seqs, length, model.pad_token_id, left=False)
         pl = np.zeros(bs, np.int32)
         tl = np.zeros(bs, np.int32)
@@ -324,7 +350,7 @@ def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Se
         tl[: len(idx)] = [lengths[r] for r in idx]
         interventions = pos = None
         if steerings:
-            interventions = steering_arrays(steerings, model.num_layers, model.hidden_size, rows, bs)
+            interventions = _batch_arrays(model, steerings, idx, bs)
             pos = teacher_forced_masks(steerings, pl, tl, length)
         tokens, pl_d, tl_d = batching.place(model.mesh, tokens, pl, tl)
         res = batching.to_host(continuation_logprobs(model.config, model.params, tokens, pl_d, tl_d, interventions, pos))
