@@ -21,7 +21,6 @@ setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
-        "scipy>=1.11",
         "openai>=1.50",
         "pandas>=2.1",  # multiple-choice items from CSV / parquet (method/capability.py)
     ],

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from persona_jax.errors import PersonaError
+from persona_jax.io.jsonl import read_jsonl
 from persona_jax.runtime import apply, batching
 from persona_jax.runtime.capture import length_bucket
 from persona_jax.runtime.generate import tokenize
@@ -134,17 +135,10 @@ def read_items(path: str, limit: Optional[int] = None) -> list[MCItem]:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise PersonaError(f"{path} line {n} is not valid JSON ({e.msg}); write one item object per line") from None
-                if not isinstance(rec, dict):
-                    raise PersonaError(f"{path} line {n} is not a JSON object")
-                records.append(rec)
+        for n, rec in read_jsonl(path, "multiple-choice file"):
+            if not isinstance(rec, dict):
+                raise PersonaError(f"{path} line {n} is not a JSON object")
+            records.append(rec)
     elif ext in (".csv", ".parquet"):
         import pandas as pd
         if ext == ".csv":
@@ -272,16 +266,6 @@ def padded_length(n: int) -> int:
     return -(-max(n, 1) // 16) * 16 if n <= 64 else length_bucket(n)
 
 
-def _batches(n: int, lengths: Sequence[int], model, batch_size: int):
-    order = sorted(range(n), key=lambda i: lengths[i])
-    bs = batching.grow_batch(min(batch_size, n), batching.batch_multiple(model.mesh))
-    for start in range(0, n, bs):
-        idx = order[start:start + bs]
-        rows = np.full(bs, -1)
-        rows[: len(idx)] = idx
-        yield idx, rows, bs
-
-
 def _check(model, steerings, n):
     for s in steerings:
         s.validate(model.num_layers, model.hidden_size, n)
@@ -315,7 +299,9 @@ def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.nd
     targets = np.asarray(targets, np.int32)
     out = np.zeros(targets.shape, np.float32)
     lengths = [len(p) for p in prompt_ids]
-    for idx, rows, bs in tqdm(list(_batches(n, lengths, model, batch_size)), desc="letters", disable=not progress):
+    bs, batches = batching.by_length(lengths, batch_size, model.mesh)
+    for rows in tqdm(batches, desc="letters", disable=not progress):
+        idx = rows[rows >= 0]
         seqs = [prompt_ids[r] if r >= 0 else [model.pad_token_id] for r in rows]
         tokens, mask = batching.pad_rows(seqs, padded_length(max(len(s) for s in seqs)), model.pad_token_id, left=True)
         tg = np.zeros((bs, targets.shape[1]), np.int32)
@@ -340,7 +326,9 @@ def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Se
     _check(model, steerings, n)
     out = np.zeros(n, np.float32)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, cont_ids)]
-    for idx, rows, bs in tqdm(list(_batches(n, lengths, model, batch_size)), desc="choices", disable=not progress):
+    bs, batches = batching.by_length(lengths, batch_size, model.mesh)
+    for rows in tqdm(batches, desc="choices", disable=not progress):
+        idx = rows[rows >= 0]
         seqs = [list(prompt_ids[r]) + list(cont_ids[r]) if r >= 0 else [model.pad_token_id] for r in rows]
         length = padded_length(max(len(s) for s in seqs))
         tokens, _ = batching.pad_rows(seqs, length, model.pad_token_id, left=False)
