@@ -57,8 +57,8 @@ def main(argv):
         raise PersonaError("set --config.data to a training JSONL (or a comma-separated list of them)")
     paths = options.training_files(cfg.data)
     f = cfg.finetune
-    lora = options.lora_config(f)  # bad LoRA options fail before the model loads
-    tc = options.train_config(f, cfg.seed)
+    lora = runner.lora_config(f)  # bad LoRA options fail before the model loads
+    tc = runner.train_config(f, cfg.seed)
     tc.validate()
     maybe_initialize_distributed(cfg.distributed)
     model = load_model(runner.model_path(cfg), dtype=cfg.dtype, mesh=runner.mesh_from(cfg),

@@ -15,6 +15,7 @@ import torch
 
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import options
+from persona_jax.pipeline import setup
 from persona_jax.finetune.trainer import SCHEDULES, TrainConfig, lr_schedule
 from persona_jax.testing import tiny_checkpoint
 
@@ -42,11 +43,11 @@ def test_options_from_a_config_section():
                               epochs=3, schedule="cosine", weight_decay=0.01, compute_dtype="float32",
                               method="lora", lora_rank=8, lora_alpha=16.0, rslora=True, lora_targets=("q_proj",),
                               lora_dropout=0.0)
-    tc = options.train_config(f, seed=5)
+    tc = setup.train_config(f, seed=5)
     assert (tc.num_steps, tc.epochs, tc.schedule, tc.weight_decay, tc.seed) == (None, 3, "cosine", 0.01, 5)
-    assert options.lora_config(f).targets == ("q_proj",)
+    assert setup.lora_config(f).targets == ("q_proj",)
     f.lora_dropout = 0.05
-    assert options.train_config(f, seed=0).lora_dropout == 0.05
+    assert setup.train_config(f, seed=0).lora_dropout == 0.05
     with pytest.raises(PersonaError, match="lora_dropout"):
         TrainConfig(lora_dropout=1.0).validate()
     with pytest.raises(PersonaError, match="schedule"):

@@ -22,7 +22,7 @@ from persona_jax.pipeline import steps as pl
 from persona_jax.io.distributed import writer_only
 from persona_jax.errors import PersonaError
 from persona_jax.finetune import data as fdata
-from persona_jax.finetune import options
+from persona_jax.pipeline import setup
 from persona_jax.finetune.trainer import train
 from persona_jax.model.checkpoint import Model
 from persona_jax.method.stats import auroc, pearson, spearman
@@ -57,7 +57,7 @@ def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) 
     if stats.n_truncated or stats.n_dropped:
         logging.warning("%s: %d truncated, %d dropped (max_length %d)", jsonl, stats.n_truncated, stats.n_dropped,
                         f.max_length)
-    result = train(model.config, model.params, examples, options.train_config(f, cfg.seed), lora=options.lora_config(f),
+    result = train(model.config, model.params, examples, setup.train_config(f, cfg.seed), lora=setup.lora_config(f),
                    steerings=steerings, mesh=model.mesh, workdir=workdir, pad_id=model.pad_token_id)
     return dataclasses.replace(model, params=result.merged_params(), name=f"{model.name}+{os.path.basename(workdir)}")
 

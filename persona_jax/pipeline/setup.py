@@ -14,6 +14,8 @@ from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
 from persona_jax.io.atomic import atomic_open
 from persona_jax.io.distributed import writer_only
+from persona_jax.finetune import lora as flora
+from persona_jax.finetune.trainer import TrainConfig
 
 
 def mesh_from(cfg):
@@ -114,3 +116,38 @@ def make_judge(cfg, workdir: str, progress: bool = True):
         from persona_jax.organism.judge import OrganismJudge
         return OrganismJudge()
     raise PersonaError(f"unknown judge kind {cfg.kind!r}; use openai, local or organism")
+
+
+def train_config(f, seed: int) -> TrainConfig:
+    """TrainConfig from a fine-tuning config section `f`: learning_rate, warmup_steps,
+    batch_size, grad_accum, num_steps (0 = epochs), epochs, schedule ("linear" | "cosine" |
+    "constant" | "constant_with_warmup"), weight_decay, compute_dtype, remat,
+    checkpoint_every, eval_every, progress, lora_dropout (missing ones take TrainConfig's
+    defaults)."""
+    d = TrainConfig()
+
+    def get(name, default, cast):
+        value = getattr(f, name, None)
+        return default if value is None else cast(value)
+
+    num_steps = get("num_steps", 0, int)
+    return TrainConfig(
+        learning_rate=get("learning_rate", d.learning_rate, float), warmup_steps=get("warmup_steps", d.warmup_steps, int),
+        batch_size=get("batch_size", d.batch_size, int), grad_accum=get("grad_accum", d.grad_accum, int),
+        num_steps=num_steps or None, epochs=get("epochs", 1, int), schedule=get("schedule", "linear", str),
+        weight_decay=get("weight_decay", d.weight_decay, float), seed=int(seed),
+        compute_dtype=get("compute_dtype", d.compute_dtype, str), remat=get("remat", False, bool),
+        checkpoint_every=get("checkpoint_every", 0, int), eval_every=get("eval_every", 0, int),
+        lora_dropout=get("lora_dropout", 0.0, float), progress=get("progress", True, bool))
+
+
+def lora_config(f) -> flora.LoraConfig | None:
+    """The adapter to train (`f.method` "lora": lora_rank, lora_alpha, rslora,
+    lora_targets), or None for full fine-tuning ("full")."""
+    method = getattr(f, "method", "lora")
+    if method == "full":
+        return None
+    if method != "lora":
+        raise PersonaError(f"finetune.method must be 'full' or 'lora'; got {method!r}")
+    return flora.LoraConfig(rank=int(f.lora_rank), alpha=float(f.lora_alpha), rslora=bool(f.rslora),
+                            targets=tuple(f.lora_targets))
