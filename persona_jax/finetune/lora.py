@@ -192,8 +192,3 @@ def load_adapter(directory: str) -> tuple[dict, LoraConfig]:
         b = np.stack([np.asarray(f[peft_name(i, name, "B")], np.float32).T for i in layers])
         out.setdefault(TARGETS[name], {})[name] = {"A": jnp.asarray(a), "B": jnp.asarray(b)}
     return out, lora_config
-
-
-def num_params(lora: dict) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
-
