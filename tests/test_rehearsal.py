@@ -130,10 +130,16 @@ class _Env:
 @pytest.fixture(scope="module")
 def envs(tmp_path_factory):
     made = {}
+    # One persistent XLA compilation cache for every command: the runners of one target
+    # compile the same generate / capture programs, so only the first compiles them.
+    jax_cache = tmp_path_factory.mktemp("rehearsal_jax_cache")
 
     def get(name):
         if name not in made:
             made[name] = _Env(name, TARGETS[name], tmp_path_factory.mktemp(f"rehearsal_{name}"))
+            made[name].env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+                                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return made[name]
 
     yield get
