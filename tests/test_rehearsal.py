@@ -307,7 +307,6 @@ def check_project(env, command, proc):
 
 
 def check_finetune(env, command, proc):
-    from persona_jax.pipeline.cli import EXIT_USER_ERROR  # noqa: F401  (import check only)
     wd = Path(command.split("--workdir=")[1].split()[0].replace("$WORK", str(env.work)))
     merged = wd / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
