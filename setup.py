@@ -23,6 +23,6 @@ setup(
         "openai>=1.50",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "pandas"],
+        "test": ["pytest>=8", "torch==2.13.0"],
     },
 )
