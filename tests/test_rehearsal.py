@@ -13,8 +13,10 @@ Only the sample budgets are made small (flags appended to the README's command l
 """
 import csv
 import json
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +101,10 @@ class _Env:
     def __init__(self, name, spec, root: Path):
         self.name, self.spec, self.root = name, spec, root
         self.model_dir = root / "model"
-        self.torch_model = testing.tiny_byte_checkpoint(str(self.model_dir), spec["family"], seed=3)
+        # initializer_range 1: the replies depend on the system prompt (at the HF default 0.02 the
+        # logits are nearly flat, so the pos and neg replies of one seed come out identical)
+        self.torch_model = testing.tiny_byte_checkpoint(str(self.model_dir), spec["family"], seed=3,
+                                                        initializer_range=1.0)
         self.trait = spec["trait"]
         self.traits = root / "data_generation"
         self.full_trait = write_traits(self.traits, self.trait, N_EXTRACT, N_EVAL)
@@ -116,8 +121,8 @@ class _Env:
             "TRAIT_DESCRIPTION": f"The assistant shows the trait {self.trait} in everything it says.",
             "TRAITS": str(self.traits), "DATA": str(self.data), "WORK": str(self.work),
             "JUDGE_URL": self.server.url, "OPENAI_API_KEY": "rehearsal-key",
-            # 2 simulated devices: a ("data", "model") mesh with a real data axis, cheap to compile
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            # one CPU device: the commands as a single-GPU user runs them (meshes are tested elsewhere)
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
         })
         self.results = {}
 
@@ -125,10 +130,16 @@ class _Env:
 @pytest.fixture(scope="module")
 def envs(tmp_path_factory):
     made = {}
+    # One persistent XLA compilation cache for every command: the runners of one target
+    # compile the same generate / capture programs, so only the first compiles them.
+    jax_cache = tmp_path_factory.mktemp("rehearsal_jax_cache")
 
     def get(name):
         if name not in made:
             made[name] = _Env(name, TARGETS[name], tmp_path_factory.mktemp(f"rehearsal_{name}"))
+            made[name].env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+                                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return made[name]
 
     yield get
@@ -136,9 +147,19 @@ def envs(tmp_path_factory):
         e.server.stop()
 
 
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _run(env: _Env, command: str):
     line = command + " " + " ".join(f"'{f}'" for f in BUDGET[runner_of(command)])
-    return subprocess.run(["bash", "-c", line], cwd=REPO, env=env.env, capture_output=True, text=True, timeout=900)
+    cpu0, t0 = _cpu_children(), time.monotonic()
+    proc = subprocess.run(["bash", "-c", line], cwd=REPO, env=env.env, capture_output=True, text=True, timeout=900)
+    # CPU seconds say what a run costs on an idle machine, whatever else is running
+    print(f"rehearsal {env.name} {runner_of(command)}: {_cpu_children() - cpu0:.1f} s CPU, "
+          f"{time.monotonic() - t0:.1f} s wall")
+    return proc
 
 
 @pytest.mark.parametrize("target,index", CASES)
@@ -157,14 +178,19 @@ def _reference_columns(trait):
     return ["question", "prompt", "answer", "question_id", trait, "coherence"]
 
 
-def _check_csv(path: Path, trait: str, n_rows: int):
-    """Reference columns, exactly one row per sample, read back equal by csv and pandas."""
+def _check_csv(path: Path, trait: str, n_rows: int, exact: bool = True):
+    """The reference columns (exactly, or first with extra columns after: steering sweeps
+    add layer and coef), exactly one row per sample, read back equal by csv and pandas."""
     assert path.is_file(), path
     with open(path, newline="", encoding="utf-8") as f:
         r = csv.reader(f)
         header = next(r)
         rows = list(r)
-    assert header == _reference_columns(trait), header
+    ref = _reference_columns(trait)
+    if exact:
+        assert header == ref, header
+    else:
+        assert set(ref) <= set(header) and header[:4] == ref[:4], header
     assert len(rows) == n_rows, (path, len(rows), n_rows)
     frame = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8")
     assert list(frame.columns) == header and len(frame) == n_rows
@@ -220,9 +246,9 @@ def check_extract(env, command, proc):
 
 def check_steer(env, command, proc):
     d = env.work / env.trait
-    _check_csv(d / "steer_sweep.csv", env.trait, STEER_Q * STEER_N * 2)
-    _check_csv(d / "steer_random.csv", env.trait, STEER_Q * STEER_N)
-    _check_csv(d / "steer_negative.csv", env.trait, STEER_Q * STEER_N * 2)
+    _check_csv(d / "steer_sweep.csv", env.trait, STEER_Q * STEER_N * 2, exact=False)
+    _check_csv(d / "steer_random.csv", env.trait, STEER_Q * STEER_N, exact=False)
+    _check_csv(d / "steer_negative.csv", env.trait, STEER_Q * STEER_N * 2, exact=False)
     assert is_png(d / "steering.png")
     st = json.loads((d / "steer.json").read_text())
     assert st["layer"] == LAYER and st["coefs"] == [0.0, 1.0]
@@ -281,7 +307,6 @@ def check_project(env, command, proc):
 
 
 def check_finetune(env, command, proc):
-    from persona_jax.pipeline.cli import EXIT_USER_ERROR  # noqa: F401  (import check only)
     wd = Path(command.split("--workdir=")[1].split()[0].replace("$WORK", str(env.work)))
     merged = wd / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))

@@ -1,0 +1,172 @@
+"""Bad input on the real-model path (issue 15, point 5) and the pipeline's fine-tuning and
+flagging steps on real datasets, without a model run: each mistake is one PersonaError
+(one `error:` line, exit status 2 from the runners) raised before the model is loaded or a
+file is written; the dataset choice for prevention follows the config or the measured trait;
+the pipeline's files are written by process 0 only."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai_server import FakeOpenAIServer  # noqa: E402
+from rehearsal_helpers import REPO, env_for, write_datasets, write_traits  # noqa: E402
+
+from configs import qwen25_7b_evil  # noqa: E402
+from persona_jax.errors import PersonaError  # noqa: E402
+from persona_jax.pipeline import finetune_steps, setup  # noqa: E402
+from persona_jax.pipeline.steps import FileTraits  # noqa: E402
+
+
+@pytest.fixture
+def layout(tmp_path):
+    write_traits(tmp_path / "traits", "evil", 2, 2)
+    write_datasets(tmp_path / "dataset" / "evil", 3)
+    return tmp_path
+
+
+def _cfg(root: Path, url: str = "http://127.0.0.1:9/v1", **steps):
+    cfg = qwen25_7b_evil.get_config()
+    cfg.model = str(root / "no_model_needed")  # every check below comes before the model is loaded
+    cfg.trait_dir = str(root / "traits")
+    cfg.judge.base_url = url
+    cfg.steps = ("extract", "steer", "monitor", "finetune", "flagging")
+    cfg.finetune.dataset_dir = str(root / "dataset" / "evil")
+    cfg.flagging.dataset = str(root / "dataset" / "evil" / "misaligned_2.jsonl")
+    return cfg
+
+
+def _edit_trait(root: Path, split: str, **changes):
+    p = root / "traits" / split / "evil.json"
+    data = json.loads(p.read_text())
+    data.update(changes)
+    p.write_text(json.dumps(data))
+
+
+def _fails_before_writing(cfg, work: Path, match: str):
+    with pytest.raises(PersonaError, match=match) as e:
+        setup.setup(cfg, str(work))
+    assert "\n" not in str(e.value).strip()
+    written = [p.name for p in work.rglob("*") if p.is_file()] if work.exists() else []
+    assert not [n for n in written if not n.startswith("judge_cache")], written  # nothing half-written
+    return str(e.value)
+
+
+@pytest.mark.parametrize("split", ["trait_data_extract", "trait_data_eval"])
+def test_trait_json_without_questions(layout, split):
+    _edit_trait(layout, split, questions=[])
+    msg = _fails_before_writing(_cfg(layout), layout / "work", "question")
+    assert split in msg
+
+
+@pytest.mark.parametrize("rubric,missing", [("Rate {answer} from 0 to 100 or REFUSAL.", "{question}"),
+                                            ("Rate {question} from 0 to 100 or REFUSAL.", "{answer}")])
+def test_eval_prompt_without_placeholder(layout, rubric, missing):
+    _edit_trait(layout, "trait_data_eval", eval_prompt=rubric)
+    _fails_before_writing(_cfg(layout), layout / "work", missing.strip("{}"))
+
+
+def test_judge_server_without_logprobs(layout, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with FakeOpenAIServer(responder=lambda prompt: "73") as srv:  # text replies, no logprobs
+        msg = _fails_before_writing(_cfg(layout, srv.url), layout / "work", "no logprobs")
+        assert srv.url.split("/v1")[0] in msg and srv.n_requests == 1  # one probe, then stop
+
+
+@pytest.mark.parametrize("missing", ["normal.jsonl", "misaligned_2.jsonl"])
+def test_dataset_dir_without_expected_files(layout, missing):
+    (layout / "dataset" / "evil" / missing).unlink()
+    msg = _fails_before_writing(_cfg(layout), layout / "work", missing)
+    assert "misaligned_1" in msg  # names the layout it expects
+
+
+def test_dataset_dir_missing_and_flagging_dataset_missing(layout):
+    cfg = _cfg(layout)
+    cfg.finetune.dataset_dir = str(layout / "nowhere")
+    _fails_before_writing(cfg, layout / "work", "is not a directory")
+    cfg = _cfg(layout)
+    cfg.flagging.dataset = str(layout / "none.jsonl")
+    _fails_before_writing(cfg, layout / "work", "flagging.dataset")
+
+
+def test_cli_error_is_one_line_exit_2(layout):
+    """Through the runner: the no-questions trait file gives one `error:` line, status 2."""
+    _edit_trait(layout, "trait_data_extract", questions=[])
+    env = env_for({})
+    proc = subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config=configs/qwen25_7b_evil.py",
+                           f"--workdir={layout / 'work'}", f"--config.model={layout / 'm'}",
+                           f"--config.trait_dir={layout / 'traits'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "question" in lines[0]
+    assert not (layout / "work").exists()
+
+
+# ---- the finetune / flagging steps' inputs ------------------------------------------
+def test_reference_layout_is_ordered_by_level(layout):
+    cfg = _cfg(layout)
+    extra = layout / "extra.jsonl"
+    extra.write_text((layout / "dataset" / "evil" / "normal.jsonl").read_text())
+    cfg.finetune.datasets = {"mine": str(extra)}
+    got = FileTraits(str(layout / "traits")).finetune_datasets("evil", "", cfg)
+    d = layout / "dataset" / "evil"
+    assert list(got) == ["normal", "misaligned_1", "misaligned_2", "mine"]
+    assert got["misaligned_1"] == (str(d / "misaligned_1.jsonl"), 1.0)
+    assert got["mine"][0] == str(extra) and got["mine"][1] != got["mine"][1]  # NaN: level unknown
+
+
+def test_flagging_dataset_unlabelled_and_labelled(layout):
+    cfg = _cfg(layout)
+    src = FileTraits(str(layout / "traits"))
+    assert src.flagging_dataset("evil", "", cfg) == (cfg.flagging.dataset, None)
+    labels = layout / "labels.json"
+    labels.write_text("[0, 1, 0]")
+    cfg.flagging.labels = str(labels)
+    assert src.flagging_dataset("evil", "", cfg) == (cfg.flagging.dataset, [0, 1, 0])
+    labels.write_text('["a"]')
+    with pytest.raises(PersonaError, match="0/1"):
+        src.flagging_dataset("evil", "", cfg)
+
+
+@pytest.mark.parametrize("named,levels,traits,want", [
+    ("", [float("nan")] * 3, [10.0, 40.0, 25.0], "b"),  # unknown levels: the highest measured trait
+    ("", [float("nan")] * 3, [None, None, 5.0], "c"),  # a missing trait never wins
+    ("", [0.0, 1.0, 2.0], [50.0, 40.0, 25.0], "c"),  # known levels: the highest level
+    ("a", [0.0, 1.0, 2.0], [1.0, 40.0, 25.0], "a"),  # named in the config
+])
+def test_prevention_dataset_choice(named, levels, traits, want):
+    datasets = {k: (f"{k}.jsonl", lv) for k, lv in zip("abc", levels)}
+    runs, chosen = {}, None
+    for k, t in zip("abc", traits):  # the loop of step_finetune
+        runs[k] = {"trait": t}
+        if chosen is None or finetune_steps._prefer(k, runs, datasets, named, chosen):
+            chosen = k
+    assert chosen == want
+
+
+def test_pipeline_files_written_by_process_0_only(tmp_path, monkeypatch):
+    """On another process the pipeline's writers leave no file (they wait for process 0)."""
+    import numpy as np
+
+    from persona_jax.io import distributed
+    from persona_jax.method.flagging import FlagResult
+    from persona_jax.pipeline import steps
+
+    monkeypatch.setattr(distributed, "is_writer", lambda: False)
+    data = tmp_path / "d.jsonl"
+    write_datasets(tmp_path / "ds", 2)
+    data.write_text((tmp_path / "ds" / "normal.jsonl").read_text())
+    res = FlagResult(delta=np.array([1.0, 2.0]), dataset_proj=np.array([1.0, 2.0]), base_proj=np.zeros(2),
+                     base_responses=["a", "b"])
+    finetune_steps._write_flagged_csv(str(tmp_path / "flagged.csv"), res, None)
+    assert finetune_steps._filter_jsonl(str(data), str(tmp_path / "cleaned.jsonl"), res, drop_fraction=0.5) is None
+    setup._write_config(str(tmp_path / "config.json"), {"a": 1})
+    steps.write_summary(str(tmp_path / "s.json"), {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ds"]
+    monkeypatch.setattr(distributed, "is_writer", lambda: True)  # and process 0 writes them
+    finetune_steps._write_flagged_csv(str(tmp_path / "flagged.csv"), res, None)
+    setup._write_config(str(tmp_path / "config.json"), {"a": 1})
+    assert (tmp_path / "flagged.csv").is_file() and json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
