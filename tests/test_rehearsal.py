@@ -67,8 +67,6 @@ BUDGET = {
                  "--config.finetune.progress=False"],
     "flag_data": [f"--max_new_tokens={MAX_NEW}", "--batch_size=8"],
 }
-# Commands whose runner another branch (refopts) is fixing; xfail until it lands.
-REFOPTS = {"finetune": "refopts: configs/finetune.py lacks scan_decode (issue 15)"}
 
 TARGETS = {
     "qwen25_7b_evil": dict(family="qwen2", config="configs/qwen25_7b_evil.py", trait="evil", full=True),
@@ -79,9 +77,7 @@ for _family in testing.FAMILY_CLASSES:
     if _family not in ("qwen2", "llama"):  # those two run every command under the paper configs
         TARGETS[_family] = dict(family=_family, config="configs/base.py", trait="evil", full=False)
 
-CASES = [pytest.param(t, i, id=f"{t}-{i}-{runner_of(c)}",
-                      marks=[pytest.mark.xfail(strict=False, reason=REFOPTS[runner_of(c)])]
-                      if runner_of(c) in REFOPTS else [])
+CASES = [pytest.param(t, i, id=f"{t}-{i}-{runner_of(c)}")
          for t, spec in TARGETS.items() for i, c in enumerate(COMMANDS)
          if spec["full"] or runner_of(c) in SUBSET]
 
@@ -259,14 +255,23 @@ def check_monitor(env, command, proc):
     if not env.spec["full"]:  # the subset runs extract -> steer -> monitor in this one command
         check_extract(env, command, proc)
         check_steer(env, command, proc)
-    n_conditions = 2 * N_PAIRS + 1
+    report = json.loads((env.work / "report.json").read_text())
+    entry = report["traits"][env.trait]
+    mon = entry["monitoring"]
+    # file traits: the graded ladder (11 rungs from instruction pair 0) and the many-shot
+    # prompts (0 shots always; 5, 10, ... as far as the kept pos responses reach)
+    groups = [c["group"] for c in mon["conditions"]]
+    assert groups.count("ladder") == 11 and groups.count("many_shot") >= 1, groups
+    n_conditions = len(mon["conditions"])
     with open(d / "monitor.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_conditions * STEER_Q
+    assert {r["condition"] for r in rows} == {c["condition"] for c in mon["conditions"]}
     assert is_png(d / "monitoring.png")
-    report = json.loads((env.work / "report.json").read_text())
-    entry = report["traits"][env.trait]
-    assert entry["layer"] == LAYER and entry["monitoring"]["n_conditions"] == n_conditions
+    # the paper's three correlations: over condition means, (condition, question) points, within a condition
+    for key in ("pearson_r", "pearson_r_points", "pearson_r_within"):
+        assert key in mon
+    assert entry["layer"] == LAYER
     md = (env.work / "report.md").read_text()
     assert f"| {env.trait} |" in md and f"{env.trait}/steering.png" in md
 
