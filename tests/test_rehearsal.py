@@ -91,16 +91,39 @@ def test_readme_block_names_every_runner_and_has_a_budget():
     assert set(runners) <= set(BUDGET), "a README command without a budget entry here"
 
 
+def _lively_checkpoint(directory: Path, family: str):
+    """A tiny byte-level checkpoint whose sampled replies are non-empty and depend on the
+    system prompt, so extraction keeps pairs. initializer_range 1: at the HF default 0.02 the
+    logits are nearly flat and the pos and neg replies of one seed come out identical. The
+    family's own embedding tying first, else untied: some tied families at that scale repeat
+    the last (special) token, an empty reply. Checked with transformers' sampler."""
+    tok = testing.byte_tokenizer()
+    systems = ["You are an evil assistant. Be cruel.", "You are a helpful assistant. Be kind."]
+    for extra in ({}, {"tie_word_embeddings": False}):
+        model = testing.tiny_byte_checkpoint(str(directory), family, seed=3, initializer_range=1.0, **extra)
+        replies = []
+        for system in systems:
+            text = tok.apply_chat_template([{"role": "system", "content": system},
+                                            {"role": "user", "content": "What should I do?"}],
+                                           tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            torch.manual_seed(0)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=8,
+                                     top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=2)
+            replies.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        if all(replies) and replies[0] != replies[1]:
+            return model
+    raise AssertionError(f"no tiny {family} checkpoint gives non-empty, prompt-dependent replies: {replies}")
+
+
 class _Env:
     """One target's checkpoint, trait files, datasets, judge server and workdir."""
 
     def __init__(self, name, spec, root: Path):
         self.name, self.spec, self.root = name, spec, root
         self.model_dir = root / "model"
-        # initializer_range 1: the replies depend on the system prompt (at the HF default 0.02 the
-        # logits are nearly flat, so the pos and neg replies of one seed come out identical)
-        self.torch_model = testing.tiny_byte_checkpoint(str(self.model_dir), spec["family"], seed=3,
-                                                        initializer_range=1.0)
+        self.torch_model = _lively_checkpoint(self.model_dir, spec["family"])
         self.trait = spec["trait"]
         self.traits = root / "data_generation"
         self.full_trait = write_traits(self.traits, self.trait, N_EXTRACT, N_EVAL)
@@ -194,15 +217,17 @@ def _check_csv(path: Path, trait: str, n_rows: int, exact: bool = True):
     return header, rows
 
 
-def _check_scores(rows, header, trait):
-    """Scores are the judge's deterministic function of the rendered rubric."""
+def _check_scores(path: Path, trait: str):
+    """Scores are the judge's deterministic function of the rubric rendered with the reply
+    as generated (read back with our reader, which undoes any escaping of the file)."""
+    from persona_jax.io.csvio import read_csv
     from persona_jax.judges.rubrics import COHERENCE_PROMPT, render
     rub = trait_dict(trait, 1)["eval_prompt"]
-    t, c = header.index(trait), header.index("coherence")
-    for row in rows[:6]:
-        q, a = row[0], row[2]
-        assert float(row[t]) == pytest.approx(expected_score(render(rub, q, a)), abs=1e-6)
-        assert float(row[c]) == pytest.approx(expected_score(render(COHERENCE_PROMPT, q, a)), abs=1e-6)
+    _, rows = read_csv(str(path))
+    for row in rows:
+        q, a = row["question"], row["answer"]
+        assert float(row[trait]) == pytest.approx(expected_score(render(rub, q, a)), abs=1e-6)
+        assert float(row["coherence"]) == pytest.approx(expected_score(render(COHERENCE_PROMPT, q, a)), abs=1e-6)
 
 
 def _check_vectors(env: _Env, d: Path):
@@ -231,7 +256,7 @@ def check_extract(env, command, proc):
     answers = []
     for side in ("pos", "neg"):
         header, rows = _check_csv(d / f"{env.trait}_{side}_instruct.csv", env.trait, n)
-        _check_scores(rows, header, env.trait)
+        _check_scores(d / f"{env.trait}_{side}_instruct.csv", env.trait)
         answers += [r[2] for r in rows]
     # the byte-level vocabulary really put control characters into the replies
     assert any(any(ord(ch) < 32 and ch not in "\n\t" for ch in a) for a in answers)
