@@ -240,7 +240,11 @@ def test_real_path_matches_the_organism_main_job(tmp_path):
     assert {k: v for k, v in main["extraction"].items() if k != "vectors"} == \
         {k: v for k, v in real["extraction"].items() if k != "vectors"}
     assert main["extraction"]["n_kept"] > 0
-    assert main["steering"] == real["steering"]
+    # the organism source scores its own capability task in the steering step; trait files
+    # have none unless capability.data names an MMLU-layout file, so only the rest compares
+    cap_keys = ("capability", "capability_scoring", "capability_n_items")
+    assert {k: v for k, v in main["steering"].items() if k not in cap_keys} == \
+        {k: v for k, v in real["steering"].items() if k not in cap_keys}
     assert main["layer"] == real["layer"]
 
     # monitoring: every score the real path got over HTTP is the organism judge's, exactly
