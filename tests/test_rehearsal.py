@@ -96,10 +96,13 @@ def _lively_checkpoint(directory: Path, family: str):
     system prompt, so extraction keeps pairs. initializer_range 1: at the HF default 0.02 the
     logits are nearly flat and the pos and neg replies of one seed come out identical. The
     family's own embedding tying first, else untied: some tied families at that scale repeat
-    the last (special) token, an empty reply. Checked with transformers' sampler."""
+    the last (special) token, an empty reply; else also a sliding window wide enough to see
+    the system prompt. Checked with transformers' sampler."""
     tok = testing.byte_tokenizer()
     systems = ["You are an evil assistant. Be cruel.", "You are a helpful assistant. Be kind."]
-    for extra in ({}, {"tie_word_embeddings": False}):
+    # a sliding window of a few tokens (the families' test default) can hide the system
+    # prompt from every later position; then a window that covers the prompt
+    for extra in ({}, {"tie_word_embeddings": False}, {"tie_word_embeddings": False, "sliding_window": 512}):
         model = testing.tiny_byte_checkpoint(str(directory), family, seed=3, initializer_range=1.0, **extra)
         replies = []
         for system in systems:
