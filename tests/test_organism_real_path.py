@@ -257,13 +257,16 @@ def test_real_path_matches_the_organism_main_job(tmp_path):
     per_m = {c["condition"]: c for c in main["monitoring"]["conditions"]}
     per_r = {c["condition"]: c for c in real["monitoring"]["conditions"]}
     _, rows_m = read_csv(m / "monitor.csv")
-    for cm, cr in (("none", "none"), ("pos_instruction", "pos0")):
+    for cm, cr in (("none", "none"), ("pos_instruction", "pos")):  # the ladder's "pos" rung is the reference's pos prompt
         assert per_m[cm]["prompt_last_proj"] == pytest.approx(per_r[cr]["prompt_last_proj"], rel=1e-5, abs=1e-5)
         tm = np.array([parse_score(x["evil"]) for x in rows_m if x["condition"] == cm], float)
         tr = np.array([parse_score(x["evil"]) for x in rows if x["condition"] == cr], float)
         se_ = math.sqrt(np.nanvar(tm, ddof=1) / np.isfinite(tm).sum() + np.nanvar(tr, ddof=1) / np.isfinite(tr).sum())
         assert abs(per_m[cm]["trait"] - per_r[cr]["trait"]) <= 4 * se_ + 1e-9, (cm, per_m[cm], per_r[cr], se_)
-    assert real["monitoring"]["n_conditions"] == 11 and main["monitoring"]["n_conditions"] == 14
+    # file traits: an 11-rung ladder from instruction pair 0 plus many-shot prompts; the organism: 14
+    groups = [c["group"] for c in real["monitoring"]["conditions"]]
+    assert groups.count("ladder") == 11 and groups.count("many_shot") >= 1
+    assert main["monitoring"]["n_conditions"] == 14
 
     # and the conditions are the only difference: the main job's own judge and model path,
     # with the trait files as its source, monitors exactly as the real path does
