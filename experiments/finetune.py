@@ -90,7 +90,8 @@ def main(argv):
         writer_only(export_hf)(model.config, merged, tok, os.path.join(workdir, "merged"))
     if lora is not None and cfg.export in ("adapter", "both"):
         writer_only(flora.export_adapter)(result.lora, result.lora_config, os.path.join(workdir, "adapter"),
-                                          os.path.abspath(model.name) if os.path.isdir(model.name) else model.name)
+                                          os.path.abspath(model.name) if os.path.isdir(model.name) else model.name,
+                                          config=model.config)
     report = {"data": {**stats.__dict__, "files": paths, "n_train": len(examples),
                        "n_eval": len(eval_examples) if eval_examples is not None else 0, "held_out": held_out},
               "steps": result.step, "final": result.history[-1] if result.history else None,

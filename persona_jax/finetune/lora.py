@@ -29,12 +29,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from persona_jax.errors import PersonaError
+from persona_jax.model.checkpoint import fused_parts
 from persona_jax.model.safetensors_io import SafetensorsFile, save_file
 
 # projection name -> sublayer that owns it
@@ -145,24 +147,84 @@ def merge(params, lora: dict, lora_config: LoraConfig):
 
 
 def peft_name(layer: int, name: str, which: str) -> str:
-    return f"base_model.model.model.layers.{layer}.{TARGETS[name]}.{name}.lora_{which}.weight"
+    return f"base_model.model.model.layers.{layer}.{TARGETS.get(name, _FUSED_SUB.get(name))}.{name}.lora_{which}.weight"
 
 
-def export_adapter(lora: dict, lora_config: LoraConfig, directory: str, base_model_name_or_path: str = ""):
-    """Write `adapter_model.safetensors` + `adapter_config.json` in the PEFT layout."""
+# fused projections of some families (Phi-3) and the sublayer that owns them
+_FUSED_SUB = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+# a PEFT tensor name: (... .layers.)(i).(sublayer).(module).lora_(A|B).weight, any prefix
+_PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def _module_alpha(cfg: dict, module: str) -> float:
+    """PEFT's alpha for `module`: `alpha_pattern` when one of its keys names the module
+    (a key matches a module name that ends with it after a dot), else `lora_alpha`."""
+    for key, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return float(alpha)
+    return float(cfg.get("lora_alpha", 8))  # PEFT's default
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _fused_groups(config) -> dict[str, list[tuple[str, int, int]]]:
+    """{fused projection: [(our projection, row offset, rows)] in row order}, empty for
+    families whose checkpoints keep q/k/v and gate/up apart."""
+    groups: dict = {}
+    for name, (fused, start, size) in (fused_parts(config) if config is not None else {}).items():
+        groups.setdefault(fused, []).append((name, start, size))
+    return {f: sorted(m, key=lambda x: x[1]) for f, m in groups.items()}
+
+
+def export_adapter(lora: dict, lora_config: LoraConfig, directory: str, base_model_name_or_path: str = "",
+                   config=None):
+    """Write `adapter_model.safetensors` + `adapter_config.json` in the PEFT layout.
+
+    config: the model's `DecoderConfig`. For a family whose checkpoints fuse q/k/v
+    (`qkv_proj`) or gate/up (`gate_up_proj`), the adapters of the parts are written as one
+    adapter on the fused module, exactly: A = [A_q | A_k | A_v] (rank n*r) and B block
+    diagonal (zero rows where a part is not a target), with `rank_pattern` and
+    `alpha_pattern` keeping PEFT's scale equal to ours. PEFT can only load an adapter whose
+    modules exist in the model, and those families have no q_proj.
+    """
     os.makedirs(directory, exist_ok=True)
+    mods = {name: ab for sub in lora.values() for name, ab in sub.items()}
+    # module -> (A [L, in, r'], B [L, r', out]) in the exported layout
+    out: dict = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for fused, members in _fused_groups(config).items():
+        present = [(n, start, size) for n, start, size in members if n in mods]
+        if not present:
+            continue
+        total = sum(size for _, _, size in members)
+        a = np.concatenate([np.asarray(mods[n]["A"], np.float32) for n, _, _ in present], axis=-1)
+        b = np.zeros((a.shape[0], a.shape[-1], total), np.float32)
+        r0 = 0
+        for n, start, size in present:
+            bn = np.asarray(mods.pop(n)["B"], np.float32)
+            b[:, r0:r0 + bn.shape[1], start:start + size] = bn
+            r0 += bn.shape[1]
+        out[fused] = (a, b)
+        rank_pattern[fused] = int(a.shape[-1])
+        # the same scale at rank n*r: alpha' / r' == alpha / r (or over the square roots)
+        ratio = a.shape[-1] / lora_config.rank
+        alpha_pattern[fused] = lora_config.alpha * (math.sqrt(ratio) if lora_config.rslora else ratio)
+    for name, ab in mods.items():
+        out[name] = (np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32))
     tensors = {}
-    for sub, mods in lora.items():
-        for name, ab in mods.items():
-            a, b = np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32)
-            for i in range(a.shape[0]):
-                tensors[peft_name(i, name, "A")] = a[i].T  # [r, in]
-                tensors[peft_name(i, name, "B")] = b[i].T  # [out, r]
+    for name, (a, b) in out.items():
+        for i in range(a.shape[0]):
+            tensors[peft_name(i, name, "A")] = a[i].T  # [r, in]
+            tensors[peft_name(i, name, "B")] = b[i].T  # [out, r]
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    order = list(TARGETS) + list(_FUSED_SUB)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": lora_config.rank, "lora_alpha": lora_config.alpha, "use_rslora": lora_config.rslora,
-        "target_modules": [t for t in TARGETS if t in lora.get(TARGETS[t], {})],
+        "target_modules": [t for t in order if t in out],
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
     }
@@ -170,25 +232,57 @@ def export_adapter(lora: dict, lora_config: LoraConfig, directory: str, base_mod
         json.dump(cfg, f, indent=2)
 
 
-def load_adapter(directory: str) -> tuple[dict, LoraConfig]:
-    """Read an adapter written by `export_adapter` (or PEFT with the same targets)."""
+def load_adapter(directory: str, config=None) -> tuple[dict, LoraConfig]:
+    """Read a PEFT LoRA adapter (written by `export_adapter` or by PEFT).
+
+    Any tensor-name prefix; per-module ranks and alphas (`rank_pattern`, `alpha_pattern`)
+    are folded into B so one `LoraConfig.scale` serves every module. A fused module
+    (`qkv_proj`, `gate_up_proj`, Phi-3) needs the model's `config`: each part gets the
+    fused A and its own rows of B, which merges to the same weights.
+    """
     cfg_path = os.path.join(directory, "adapter_config.json")
     st_path = os.path.join(directory, "adapter_model.safetensors")
     for p in (cfg_path, st_path):
         if not os.path.exists(p):
             raise PersonaError(f"{directory} is not a LoRA adapter directory: {os.path.basename(p)} is missing")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    targets = cfg.get("target_modules") or []
-    lora_config = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                             rslora=bool(cfg.get("use_rslora", False)), targets=tuple(targets))
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise PersonaError(f"{cfg_path} is not valid JSON ({e})") from None
+    if cfg.get("use_dora"):
+        raise PersonaError(f"{directory} is a DoRA adapter; only plain LoRA adapters can be merged")
+    rslora = bool(cfg.get("use_rslora", False))
     f = SafetensorsFile(st_path)
+    found: dict = {}  # module -> {layer: {A, B}}
+    for key in f.keys():
+        m = _PEFT_KEY.search(key)
+        if m:
+            layer, _, module, which = m.groups()
+            found.setdefault(module, {}).setdefault(int(layer), {})[which] = key
+    if not found:
+        raise PersonaError(f"{st_path} holds no LoRA tensors of decoder layers (lora_A / lora_B weights)")
+    groups = _fused_groups(config)
+    fused = [m for m in found if m in _FUSED_SUB]
+    if fused and not groups:
+        raise PersonaError(f"the adapter in {directory} targets fused {', '.join(fused)}, which this model's "
+                           "family does not have")
+    unknown = [m for m in found if m not in TARGETS and m not in _FUSED_SUB]
+    if unknown:
+        raise PersonaError(f"the adapter in {directory} targets {', '.join(unknown)}; supported: "
+                           f"{', '.join(list(TARGETS) + list(_FUSED_SUB))}")
+    lora_config = LoraConfig(rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), rslora=rslora)
     out: dict = {}
-    for name in lora_config.targets:
-        layers = sorted({int(k.split(".")[4]) for k in f.keys() if f".{name}.lora_A." in k})
-        if not layers:
-            raise PersonaError(f"{st_path} has no tensors for target {name} listed in adapter_config.json")
-        a = np.stack([np.asarray(f[peft_name(i, name, "A")], np.float32).T for i in layers])
-        b = np.stack([np.asarray(f[peft_name(i, name, "B")], np.float32).T for i in layers])
-        out.setdefault(TARGETS[name], {})[name] = {"A": jnp.asarray(a), "B": jnp.asarray(b)}
-    return out, lora_config
+    for module, layers in found.items():
+        idx = sorted(layers)
+        if idx != list(range(len(idx))) or any(set(layers[i]) != {"A", "B"} for i in idx):
+            raise PersonaError(f"{st_path}: target {module} lacks lora_A or lora_B tensors for some layers")
+        a = np.stack([np.asarray(f[layers[i]["A"]], np.float32).T for i in idx])  # [L, in, r]
+        b = np.stack([np.asarray(f[layers[i]["B"]], np.float32).T for i in idx])  # [L, r, out]
+        rank = a.shape[-1]
+        b = b * (_scale(_module_alpha(cfg, module), rank, rslora) / lora_config.scale)
+        for name, start, size in groups.get(module, [(module, 0, b.shape[-1])]):
+            out.setdefault(TARGETS[name], {})[name] = {"A": jnp.asarray(a),
+                                                       "B": jnp.asarray(b[..., start:start + size])}
+    names = tuple(n for sub in out.values() for n in sub)
+    return out, dataclasses.replace(lora_config, targets=names)

@@ -115,7 +115,7 @@ def load_any_model(path: str, dtype: str = "float32", mesh=None, scan_decode: bo
             raise PersonaError(f"the base model {base} of the adapter in {d} does not exist; pass the base model "
                                "directory with --base_model")
         base = cached_hub_dir(base) and base
-    lora, lora_cfg = flora.load_adapter(d)
     model = _load_base(base, dtype, mesh, scan_decode)
+    lora, lora_cfg = flora.load_adapter(d, model.config)
     check_adapter_fits(lora, model, d)
     return dataclasses.replace(model, params=flora.merge(model.params, lora, lora_cfg), name=path)

@@ -142,7 +142,7 @@ def hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.") ->
     return f"{prefix}layers.{layer}.{stem}.{suffix}", leaf == "kernel"
 
 
-def _fused_parts(config: DecoderConfig):
+def fused_parts(config: DecoderConfig):
     """{our projection: (fused HF projection, its row offset, rows)} for fused layouts (Phi-3)."""
     c = config
     parts = {}
@@ -158,7 +158,7 @@ def _fused_parts(config: DecoderConfig):
 def fused_source(config: DecoderConfig, name: str) -> tuple[str, slice | None]:
     """HF tensor name of ours -> (the tensor to read, rows of it), for fused checkpoints:
     `...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, its k rows)."""
-    parts = _fused_parts(config)
+    parts = fused_parts(config)
     bits = name.split(".")
     if len(bits) >= 2 and bits[-2] in parts:
         fused, start, size = parts[bits[-2]]
@@ -169,7 +169,7 @@ def fused_source(config: DecoderConfig, name: str) -> tuple[str, slice | None]:
 def fuse_for_export(config: DecoderConfig, tensors: dict) -> dict:
     """The inverse of `fused_source` for export: q/k/v (gate/up) rows concatenated back into
     the family's fused tensors, in torch layout ([out, in])."""
-    parts = _fused_parts(config)
+    parts = fused_parts(config)
     if not parts:
         return tensors
     out, groups = {}, {}
