@@ -258,7 +258,7 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--k=50", "--corpus"], "--k=50"),
+    (["--k=50", "--corpus", "--data={corpus}"], "--k=50"),
     (["--judge=openai"], "--judge needs --trait"),
     (["--judge_threshold=50"], "needs a judge"),
     (["--shifts={shifts}"], "go together"),
@@ -270,9 +270,10 @@ def test_screen_data_bad_input(tiny, files, tmp_path, extra, message):
     d, _, _, _ = tiny
     root, _, _ = files
     (tmp_path / "bad.jsonl").write_text(json.dumps(conv(1)) + "\n{\"messages\": 3}\n")
-    sub = {"shifts": root / "shifts.json", "a": root / "a.jsonl", "bad": tmp_path / "bad.jsonl"}
+    sub = {"shifts": root / "shifts.json", "a": root / "a.jsonl", "bad": tmp_path / "bad.jsonl",
+           "corpus": root / "corpus.jsonl"}
     wd = tmp_path / "never"
-    r = run(f"--model={d}", f"--data={root / 'corpus.jsonl'}", f"--vector={root / 'v.npy'}", f"--layer={LAYER}",
+    r = run(f"--model={d}", f"--data={root / 'ref.jsonl'}", f"--vector={root / 'v.npy'}", f"--layer={LAYER}",
             f"--workdir={wd}", *[x.format(**sub) for x in extra])
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
