@@ -81,7 +81,7 @@ def main(argv):
     from persona_jax.finetune import options
     from persona_jax.finetune.trainer import export_hf, train
     from persona_jax.io.distributed import writer_only
-    from persona_jax.io.reports import write_json
+    from persona_jax.io.reports import write_json, write_text
     from persona_jax.io.vectors import check_vector_shape, load_any
     from persona_jax.model import load_model
     from persona_jax.model.sharding import maybe_initialize_distributed
@@ -169,6 +169,8 @@ def main(argv):
         del result, merged
         return rec
 
+    for c in coefs or [cfg.steer.coef]:
+        steerings_at(c)  # a bad steering setting fails before any training
     base_score = None
     if judge is not None:
         base_score = trait_score(model, judge, trait, os.path.join(workdir, f"eval_{trait.name}_base.csv"), sampling,
@@ -188,14 +190,9 @@ def main(argv):
             report["sweep"].append({"coef": c, "workdir": os.path.join(workdir, f"coef_{c:g}"), **rec})
         report["base"] = base_score
         report["markdown"] = sweep_markdown(report, trait.name if trait is not None else None)
-        writer_only(_write_text)(os.path.join(workdir, "report.md"), report["markdown"] + "\n")
+        write_text(os.path.join(workdir, "report.md"), report["markdown"] + "\n")
     write_json(os.path.join(workdir, "report.json"), report)
     print(report.get("final") if coefs is None else report["markdown"])
-
-
-def _write_text(path, text):
-    from persona_jax.io.reports import write_text
-    return write_text(path, text)
 
 
 def sweep_markdown(report, trait_name) -> str:
