@@ -59,6 +59,8 @@ _JUDGE_URL = flags.DEFINE_string("judge_base_url", "", "OpenAI-compatible endpoi
 _JUDGE_KEY = flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environment variable with the API key")
 _JUDGE_LOCAL = flags.DEFINE_string("judge_local_model", "", "judge=local: checkpoint of the judging model")
 _AGGREGATION = flags.DEFINE_enum("aggregation", "0_100", ["0_100", "0_10", "binary"], "trait score aggregation")
+_LABELS = flags.DEFINE_string("labels", None, "optional JSON list of 0/1 per sample of --data (1 = trait "
+                              "sample): AUROC of each score and precision / recall of each filter")
 _SHIFT_DATA = flags.DEFINE_list("shift_datasets", [], "label=path.jsonl datasets for the dataset-level comparison")
 _SHIFTS = flags.DEFINE_string("shifts", None, "JSON of measured fine-tuning shifts per dataset label")
 _SHIFT_KEY = flags.DEFINE_string("shift_key", "shift_response_avg", "field of a fine-tuning summary to read")
@@ -109,6 +111,17 @@ def main(argv):
     read = (lambda p: sc.first_two_turns(p)) if _CORPUS.value else (lambda p: (read_jsonl_conversations(p), None))
     records, corpus_stats = read(_DATA.value)
     reference = read(_REFERENCE.value)[0] if _REFERENCE.value else None
+    labels = None
+    if _LABELS.value:
+        if _CORPUS.value:
+            raise PersonaError("--labels cannot follow --corpus (the prompt-length cap drops samples); label a prepared file")
+        try:
+            with open(_LABELS.value) as f:
+                labels = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PersonaError(f"--labels {_LABELS.value} cannot be read as JSON ({e})") from None
+        if not isinstance(labels, list) or len(labels) != len(records) or any(x not in (0, 1) for x in labels):
+            raise PersonaError(f"--labels must be a JSON list of {len(records)} 0/1 values, one per sample of {_DATA.value}")
     trait = None
     if _JUDGE.value != "none":
         if not _TRAIT.value:
@@ -195,6 +208,17 @@ def main(argv):
         report["mean_judge"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else None
         report["judge_delta_pearson_r"] = stats.pearson(scores, delta)
 
+    if labels is not None:
+        y = np.asarray(labels, bool)
+        scored = {"delta_response_avg": res.delta} if _DELTA.value == "response_avg" else {}
+        scored.update({"delta_prompt_last": res.delta_prompt_last, "dataset_proj": res.dataset_proj})
+        if scores is not None:
+            scored["judge"] = scores
+        report["labels"] = {"n_trait": int(y.sum()), "auroc": {k: stats.auroc(v, labels) for k, v in scored.items()},
+                            "filters": {k: {"precision": float(y[m].mean()) if m.any() else None,
+                                            "recall": float(m[y].mean()) if y.any() else None}
+                                        for k, m in masks.items()}}
+
     # --- dataset level (appendix F) -------------------------------------------------------
     if shift_sets:
         means = {label: float(np.nanmean(chosen(screen(recs)))) for label, recs in shift_sets.items()}
@@ -254,6 +278,13 @@ def markdown(r: dict) -> str:
                      if "reference" in r else ""), "",
                   "| filter | removed | kept | removed fraction |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['removed']} | {v['kept']} | {v['removed_fraction']:.3f} |" for k, v in r["filters"].items()]
+    if "labels" in r:
+        lab = r["labels"]
+        lines += ["", f"Against the labels ({lab['n_trait']} trait samples): AUROC "
+                  + ", ".join(f"{k} {g(v)}" for k, v in lab["auroc"].items()) + "."]
+        if lab["filters"]:
+            lines += ["", "| filter | precision | recall |", "|---|---|---|"]
+            lines += [f"| {k} | {g(v['precision'])} | {g(v['recall'])} |" for k, v in lab["filters"].items()]
     if "sets" in r:
         lines += ["", "| set | mean delta | file |", "|---|---|---|"]
         lines += [f"| {k} | {g(v['mean_delta'])} | `{os.path.basename(v['path'])}` |" for k, v in r["sets"].items()]
