@@ -243,8 +243,10 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
     d, _, model, vec = tiny
     root, _, ref = files
     wd = tmp_path / "gen"
+    labels = [0, 1, 0, 1, 1, 0, 0, 1]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
     r = run(f"--model={d}", f"--data={root / 'ref.jsonl'}", f"--vector={root / 'v.npy'}", f"--layer={LAYER}",
-            f"--workdir={wd}", f"--max_new_tokens={NEW}", "--delta_threshold=0.0")
+            f"--workdir={wd}", f"--max_new_tokens={NEW}", "--delta_threshold=0.0", f"--labels={tmp_path / 'labels.json'}")
     assert r.returncode == 0, r.stderr[-3000:]
     res = fl.projection_difference(model, ref, vec, LAYER, max_new_tokens=NEW, batch_size=4, progress=False)
     df = pd.read_csv(wd / "screened.csv", keep_default_na=False)
@@ -255,6 +257,11 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
     assert rep["approximation"]["pearson_r"] == pytest.approx(
         np.corrcoef(res.delta[ok], res.delta_prompt_last[ok])[0, 1], abs=1e-4)
     assert rep["filters"]["delta"]["removed"] == int((res.delta > 0).sum())
+    y = np.array(labels, bool)
+    pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in res.delta[y] for n in res.delta[~y]])
+    assert rep["labels"]["auroc"]["delta_response_avg"] == pytest.approx(pairwise)
+    drop = res.delta > 0
+    assert rep["labels"]["filters"]["delta"] == pytest.approx({"precision": y[drop].mean(), "recall": drop[y].mean()})
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -265,13 +272,15 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
     (["--shift_datasets=z={a}", "--shifts={shifts}"], "no --shift_datasets label"),
     (["--percentile=0"], "--percentile"),
     (["--data={bad}"], "line 2"),
+    (["--labels={lab}"], "--labels must be a JSON list of 8"),
 ])
 def test_screen_data_bad_input(tiny, files, tmp_path, extra, message):
     d, _, _, _ = tiny
     root, _, _ = files
     (tmp_path / "bad.jsonl").write_text(json.dumps(conv(1)) + "\n{\"messages\": 3}\n")
     sub = {"shifts": root / "shifts.json", "a": root / "a.jsonl", "bad": tmp_path / "bad.jsonl",
-           "corpus": root / "corpus.jsonl"}
+           "corpus": root / "corpus.jsonl", "lab": tmp_path / "lab.json"}
+    (tmp_path / "lab.json").write_text("[0, 1]")
     wd = tmp_path / "never"
     r = run(f"--model={d}", f"--data={root / 'ref.jsonl'}", f"--vector={root / 'v.npy'}", f"--layer={LAYER}",
             f"--workdir={wd}", *[x.format(**sub) for x in extra])

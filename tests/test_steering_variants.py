@@ -200,3 +200,40 @@ def test_finetune_runner_refuses_a_bad_sweep(tiny, tmp_path):
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
         assert msg in r.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "never").exists()
+
+
+def test_eval_persona_incremental_steering_matches_torch_hooks(tiny, tmp_path):
+    d, tm, model, vec = tiny
+    trait = {"instruction": [{"pos": f"Be cross {k}.", "neg": f"Be kind {k}."} for k in range(5)],
+             "questions": ["how are you?", "name a fruit"], "eval_prompt": "Grumpy? Q: {question} A: {answer}"}
+    (tmp_path / "traits" / "trait_data_eval").mkdir(parents=True)
+    (tmp_path / "traits" / "trait_data_eval" / "grumpy.json").write_text(json.dumps(trait))
+    np.save(tmp_path / "v.npy", vec)
+    out = tmp_path / "eval" / "grumpy.csv"
+    with FakeOpenAIServer(responder=lambda p: [(str(len(p) % 101), 0.0)], lifetime=600) as srv:
+        r = subprocess.run([sys.executable, "-m", "experiments.eval_persona", f"--model={d}", "--trait=grumpy",
+                            f"--trait_dir={tmp_path / 'traits'}", f"--output_path={out}", "--n_per_question=1",
+                            f"--vector={tmp_path / 'v.npy'}", "--layers=2,3", "--coefs=0,2", "--incremental",
+                            "--steering_type=all", "--max_tokens=5", "--dtype=float32", "--batch_size=4",
+                            f"--judge_base_url={srv.url}", "--judge_model=fake"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OPENAI_API_KEY": "test"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out, keep_default_na=False)
+    assert set(df["layer"]) == {"2+3"} and sorted(set(df["coef"])) == [0.0, 2.0]
+    tok = model.tokenizer
+    for q, c, a in zip(df["question"], df["coef"], df["answer"]):
+        ids = torch.tensor([tok.encode(model.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)])
+        fns = [lambda h: h, lambda h: h + c * torch.tensor(vec[2] - vec[1]), lambda h: h + c * torch.tensor(vec[3] - vec[2])]
+        handles = hooks_on_every_block(tm, fns)
+        try:
+            with torch.no_grad():
+                o = tm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                do_sample=False, pad_token_id=0, eos_token_id=2)
+        finally:
+            for h in handles:
+                h.remove()
+        assert a == tok.decode(o[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    assert df[df["coef"] == 0]["answer"].tolist() != df[df["coef"] == 2]["answer"].tolist()
+    summary = json.loads((tmp_path / "eval" / "grumpy_summary.json").read_text())
+    assert [(x["layer"], x["coef"]) for x in summary["cells"]] == [("2+3", 0.0), ("2+3", 2.0)]
