@@ -236,6 +236,9 @@ def main(argv):
         report["sets"] = {name: {"path": p, "mean_delta": float(np.mean(delta[sets[name]])),
                                  "indices": sets[name].tolist()}
                           for name, p in sc.write_sets(records, sets, wd).items()}
+        if labels is not None:
+            for name, rec in report["sets"].items():
+                rec["trait_share"] = float(np.mean([labels[i] for i in rec["indices"]]))
     elif _CORPUS.value:
         write_jsonl(os.path.join(wd, "prepared.jsonl"), [{"messages": r["messages"]} for r in records])
     cols = ["index", "delta", "delta_prompt_last", "dataset_proj", "base_proj", "prompt_last_proj"]
@@ -286,8 +289,9 @@ def markdown(r: dict) -> str:
             lines += ["", "| filter | precision | recall |", "|---|---|---|"]
             lines += [f"| {k} | {g(v['precision'])} | {g(v['recall'])} |" for k, v in lab["filters"].items()]
     if "sets" in r:
-        lines += ["", "| set | mean delta | file |", "|---|---|---|"]
-        lines += [f"| {k} | {g(v['mean_delta'])} | `{os.path.basename(v['path'])}` |" for k, v in r["sets"].items()]
+        lines += ["", "| set | mean delta | trait share (labels) | file |", "|---|---|---|---|"]
+        lines += [f"| {k} | {g(v['mean_delta'])} | {g(v.get('trait_share'))} | `{os.path.basename(v['path'])}` |"
+                  for k, v in r["sets"].items()]
     if "shift" in r:
         s = r["shift"]
         lines += ["", f"Dataset mean projection difference vs fine-tuning shift (`{s['key']}`): "

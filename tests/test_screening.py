@@ -246,7 +246,8 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
     labels = [0, 1, 0, 1, 1, 0, 0, 1]
     (tmp_path / "labels.json").write_text(json.dumps(labels))
     r = run(f"--model={d}", f"--data={root / 'ref.jsonl'}", f"--vector={root / 'v.npy'}", f"--layer={LAYER}",
-            f"--workdir={wd}", f"--max_new_tokens={NEW}", "--delta_threshold=0.0", f"--labels={tmp_path / 'labels.json'}")
+            f"--workdir={wd}", f"--max_new_tokens={NEW}", "--delta_threshold=0.0", f"--labels={tmp_path / 'labels.json'}",
+            "--k=2")
     assert r.returncode == 0, r.stderr[-3000:]
     res = fl.projection_difference(model, ref, vec, LAYER, max_new_tokens=NEW, batch_size=4, progress=False)
     df = pd.read_csv(wd / "screened.csv", keep_default_na=False)
@@ -262,6 +263,7 @@ def test_screen_data_generated_delta_and_its_approximation(tiny, files, tmp_path
     assert rep["labels"]["auroc"]["delta_response_avg"] == pytest.approx(pairwise)
     drop = res.delta > 0
     assert rep["labels"]["filters"]["delta"] == pytest.approx({"precision": y[drop].mean(), "recall": drop[y].mean()})
+    assert rep["sets"]["top"]["trait_share"] == y[np.argsort(-res.delta)[:2]].mean()
 
 
 @pytest.mark.parametrize("extra, message", [
