@@ -157,8 +157,9 @@ def main(argv):
         if reference is not None:
             reference = [r for r, c in zip(reference, sc.prompt_token_counts(model, reference))
                          if c <= _MAX_PROMPT.value]
-        if not records:
-            raise PersonaError(f"no conversation of {_DATA.value} has a prompt of at most {_MAX_PROMPT.value} tokens")
+        if not records or (reference is not None and not reference):
+            raise PersonaError(f"no conversation of {_DATA.value if not records else _REFERENCE.value} has a prompt "
+                               f"of at most {_MAX_PROMPT.value} tokens; raise --max_prompt_tokens")
     if _K.value > len(records):
         raise PersonaError(f"--k={_K.value} but {_DATA.value} has {len(records)} usable samples; lower --k")
     judge = None
