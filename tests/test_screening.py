@@ -290,3 +290,19 @@ def test_screen_data_bad_input(tiny, files, tmp_path, extra, message):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert not wd.exists()
+
+
+def test_screen_data_writes_nothing_on_other_processes(tiny, files, tmp_path):
+    """A process other than 0 (multi-host) computes along but writes no file."""
+    d, _, _, _ = tiny
+    root, _, _ = files
+    wrapper = ("import runpy, sys\nimport persona_jax.io.distributed as d\nd.is_writer = lambda: False\n"
+               "sys.argv = sys.argv[1:]\nrunpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    wd = tmp_path / "p1"
+    r = subprocess.run([sys.executable, "-c", wrapper, "experiments.screen_data", f"--model={d}",
+                        f"--data={root / 'corpus.jsonl'}", "--corpus", f"--reference={root / 'ref.jsonl'}",
+                        f"--vector={root / 'v.npy'}", f"--layer={LAYER}", f"--workdir={wd}", "--delta=prompt_last",
+                        "--k=2", "--dtype=float32", "--batch_size=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"filters"' in r.stdout and (not wd.exists() or os.listdir(wd) == [])
