@@ -25,7 +25,7 @@ report.json; --shift_key picks the field): each dataset's mean projection differ
 against its measured fine-tuning shift, with Pearson r.
 
 Writes screened.csv (one row per sample), the JSONL files above, histogram.png,
-report.json and report.md; bad input is one `error:` line, exit status 2, nothing written.
+report.json and report.md (and judge_data.json / judge_reference.json, the judge scores); bad input is one `error:` line, exit status 2, nothing written.
 """
 import json
 import os
@@ -92,6 +92,7 @@ def main(argv):
 
     from persona_jax.errors import PersonaError
     from persona_jax.io.csvio import write_csv_atomic
+    from persona_jax.io.distributed import writer_only
     from persona_jax.io.jsonl import write_jsonl
     from persona_jax.io.reports import write_json, write_text
     from persona_jax.io.vectors import check_vector_shape, load_any
@@ -188,7 +189,15 @@ def main(argv):
         ok = np.isfinite(res.delta) & np.isfinite(res.delta_prompt_last)
         report["approximation"] = {"pearson_r": stats.pearson(res.delta, res.delta_prompt_last),
                                    "spearman": stats.spearman(res.delta[ok], res.delta_prompt_last[ok])}
-    scores = sc.judge_scores(judge, trait.name, trait.eval_prompt, records) if judge is not None else None
+    def judged(recs, name):
+        """Judge scores [N]: process 0 asks the judge and writes them to the workdir, every
+        process reads them back (an API is not sent the same requests once per host)."""
+        path = os.path.join(wd, f"judge_{name}.json")
+        writer_only(lambda: write_json(path, sc.judge_scores(judge, trait.name, trait.eval_prompt, recs).tolist()))()
+        with open(path) as f:
+            return np.asarray(json.load(f), float)
+
+    scores = judged(records, "data") if judge is not None else None
 
     # --- thresholds (the reference set's percentile unless given) and filters ----------
     thresholds = {"delta": _DELTA_THR.value, "judge": _JUDGE_THR.value}
@@ -200,7 +209,7 @@ def main(argv):
         if thresholds["delta"] is None:
             thresholds["delta"] = sc.calibrate_threshold(ref_delta, _PERCENTILE.value, "reference projection differences")
         if judge is not None and thresholds["judge"] is None:
-            thresholds["judge"] = sc.calibrate_threshold(sc.judge_scores(judge, trait.name, trait.eval_prompt, reference),
+            thresholds["judge"] = sc.calibrate_threshold(judged(reference, "reference"),
                                                          _PERCENTILE.value, "reference judge scores")
     masks = sc.filter_masks(delta, scores, thresholds["delta"], thresholds["judge"])
     report["thresholds"] = thresholds
