@@ -34,5 +34,16 @@ def get_config():
         vector="",  # .pt / .npy / Orbax dir: preventative steering (kind=add) or CAFT (kind=ablate)
         layer=20,  # used when layers is empty
         layers=(),  # several hidden-state indices: the vector's row l added (or ablated) at each
-        coef=5.0, kind="add", positions="all"))
+        coef=5.0, kind="add", positions="all",
+        all_layers=False,  # steer (or ablate: CAFT) at every layer 1..L (appendix J.4)
+        incremental=False,  # add v[l] - v[l-1] at each steered layer (appendix J.3); kind=add
+        coefs=(),  # a preventative-coefficient sweep: one fine-tune per coefficient, workdir/coef_<c>/
+    ))
+    # Scoring of the fine-tuned model(s) on a trait (empty trait: no scoring): greedy answers
+    # to its evaluation questions (n_per_question=1; sampled at `temperature` otherwise),
+    # judged with the trait's rubric.
+    c.eval = ml_collections.ConfigDict(dict(
+        trait="", trait_dir="data_generation", n_questions=0, n_per_question=1, max_new_tokens=1000,
+        temperature=1.0, top_p=1.0, batch_size=64))
+    c.eval.judge = base.get_config().judge
     return c

@@ -34,6 +34,9 @@ _OUTPUT = flags.DEFINE_string("output_path", None, "judged CSV to write")
 _VECTOR = flags.DEFINE_string("vector", None, "steering vector (.pt / .npy / Orbax dir), [L+1, D]; none: no steering")
 _LAYERS = flags.DEFINE_list("layers", None, "hidden-state indices to steer at (one run per layer)")
 _COEFS = flags.DEFINE_list("coefs", ["0"], "steering coefficients (one run per coefficient)")
+_INCREMENTAL = flags.DEFINE_boolean("incremental", False, "steer every --layers layer at once with the increments "
+                                    "v[l] - v[l-1] (the paper's appendix J.3): one run per coefficient, "
+                                    "its layer column the layers joined by '+'")
 _STEERING_TYPE = flags.DEFINE_enum("steering_type", "response", ["response", "prompt", "all"],
                                    "positions steered (METHOD.md 6)")
 _INSTRUCTION = flags.DEFINE_enum("persona_instruction_type", "none", ["none", "pos", "neg"],
@@ -106,7 +109,7 @@ def main(argv):
     from persona_jax.method.steer_eval import conversation
     from persona_jax.model.sharding import maybe_initialize_distributed
     from persona_jax.pipeline import setup as runner
-    from persona_jax.steering.spec import Steering
+    from persona_jax.steering.spec import Steering, incremental_steering
 
     # --- everything a user can get wrong is checked before the model loads -------------
     trait_file = tr.trait_paths(_TRAIT_DIR.value, _TRAIT.value)[0 if _VERSION.value == "extract" else 1]
@@ -120,8 +123,8 @@ def main(argv):
             raise PersonaError("--vector needs --layers (the hidden-state indices to steer at)")
         vector = load_any(_VECTOR.value).array
         layers = _numbers(_LAYERS.value, int, "layers")
-    elif _LAYERS.value or any(c != 0 for c in coefs):
-        raise PersonaError("--layers and nonzero --coefs need --vector (the steering vector)")
+    elif _LAYERS.value or _INCREMENTAL.value or any(c != 0 for c in coefs):
+        raise PersonaError("--layers, --incremental and nonzero --coefs need --vector (the steering vector)")
     if _N.value < 1:
         raise PersonaError(f"--n_per_question must be >= 1; got {_N.value}")
     out_path = _OUTPUT.value
@@ -141,7 +144,8 @@ def main(argv):
         for l in layers:
             if not 0 <= l <= model.num_layers:
                 raise PersonaError(f"--layers {l} is outside 0..{model.num_layers} for this model")
-        grid = [(l, c) for l in layers for c in coefs]
+        grid = ([("+".join(str(l) for l in sorted(set(layers))), c) for c in coefs] if _INCREMENTAL.value
+                else [(l, c) for l in layers for c in coefs])
     else:
         grid = [None]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -155,6 +159,9 @@ def main(argv):
             specs += [Spec(row.question, prompt, row.question_id, dict(extra)) for _ in range(_N.value)]
 
     def steering_for(chunk):
+        if _INCREMENTAL.value:
+            return [incremental_steering(vector, layers, [float(s.extra["coef"]) for s in chunk],
+                                         positions=_STEERING_TYPE.value)]
         return [Steering.sweep(vector, [int(s.extra["layer"]) for s in chunk], [float(s.extra["coef"]) for s in chunk],
                                positions=_STEERING_TYPE.value)]
 
@@ -176,7 +183,7 @@ def main(argv):
     summary = {"model": _MODEL.value, "trait": trait.name, "version": _VERSION.value, "rows": len(rows),
                "persona_instruction_type": _INSTRUCTION.value, "vector": _VECTOR.value, "cells": []}
     for cell in grid:
-        sel = rows if cell is None else [r for r in rows if int(r["layer"]) == cell[0] and float(r["coef"]) == cell[1]]
+        sel = rows if cell is None else [r for r in rows if r["layer"] == str(cell[0]) and float(r["coef"]) == cell[1]]
         rec = {} if cell is None else {"layer": cell[0], "coef": cell[1]}
         for col in (trait.name, "coherence"):
             vals = np.asarray([v for v in scores(sel, col, out_path) if v is not None], float)

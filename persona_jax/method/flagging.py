@@ -28,31 +28,65 @@ class FlagResult:
     dataset_proj: np.ndarray  # [N] raw projection of the dataset responses
     base_proj: np.ndarray  # [N] projection of the base model's own responses
     base_responses: list[str]
+    # [N] projection of the last prompt token (same capture as dataset_proj): the cheap
+    # stand-in for the base model's response that needs no generation (paper, appendix I)
+    prompt_last_proj: Optional[np.ndarray] = None
 
     @property
     def mean_delta(self) -> float:
         return float(np.nanmean(self.delta))
 
+    @property
+    def delta_prompt_last(self) -> np.ndarray:
+        """[N] dataset_proj - prompt_last_proj: the projection difference without generation."""
+        if self.prompt_last_proj is None:
+            raise PersonaError("this flagging result holds no prompt_last projections")
+        return self.dataset_proj - self.prompt_last_proj
+
+
+def _check(model, vector, layer):
+    check_vector_shape(vector, model.num_layers, model.hidden_size, "flagging vector")
+    if not 0 <= layer <= model.num_layers:
+        raise PersonaError(f"layer {layer} is outside 0..{model.num_layers} for this model")
+
+
+def _projections(model, prompts, answers, vector, layer, batch_size, progress):
+    """([N] proj of response_avg, [N] proj of prompt_last), NaN where the answer adds no token."""
+    caps = capture(model, prompts, list(answers), batch_size=batch_size, progress=progress)
+    out = []
+    for key in ("response_avg", "prompt_last"):
+        proj = np.full(len(prompts), np.nan)
+        proj[caps["kept"]] = project(caps[key][:, layer], vector[layer])
+        out.append(proj)
+    return out
+
+
+def prompt_last_difference(model, records: Sequence[dict], vector: np.ndarray, layer: int, batch_size: int = 32,
+                           progress: bool = True) -> FlagResult:
+    """The projection difference without generation (the paper's appendix I): the last prompt
+    token's projection stands in for the base model's response; one capture, no sampling.
+    `base_proj` and `prompt_last_proj` both hold it; `base_responses` is empty."""
+    _check(model, vector, layer)
+    prompts = [model.render_chat(r["messages"][:-1], add_generation_prompt=True) for r in records]
+    answers = [r["messages"][-1]["content"] for r in records]
+    proj, last = _projections(model, prompts, answers, vector, layer, batch_size, progress)
+    return FlagResult(proj - last, proj, last, [], last)
+
 
 def projection_difference(model, records: Sequence[dict], vector: np.ndarray, layer: int, max_new_tokens: int = 256,
                           temperature: float = 0.0, seed: int = 0, batch_size: int = 32,
                           base_responses: Optional[Sequence[str]] = None, progress: bool = True) -> FlagResult:
-    """Projection difference of every conversation in `records` ({"messages": [...]})."""
-    check_vector_shape(vector, model.num_layers, model.hidden_size, "flagging vector")
-    if not 0 <= layer <= model.num_layers:
-        raise PersonaError(f"layer {layer} is outside 0..{model.num_layers} for this model")
+    """Projection difference of every conversation in `records` ({"messages": [...]});
+    the result also holds the prompt_last projections (`delta_prompt_last`)."""
+    _check(model, vector, layer)
     prompts = [model.render_chat(r["messages"][:-1], add_generation_prompt=True) for r in records]
     answers = [r["messages"][-1]["content"] for r in records]
     if base_responses is None:
         base_responses = generate(model, prompts, max_new_tokens, temperature=temperature, seed=seed,
                                   batch_size=batch_size, progress=progress)
-    out = {}
-    for name, resp in (("dataset", answers), ("base", list(base_responses))):
-        caps = capture(model, prompts, resp, batch_size=batch_size, progress=progress)
-        proj = np.full(len(prompts), np.nan)
-        proj[caps["kept"]] = project(caps["response_avg"][:, layer], vector[layer])
-        out[name] = proj
-    return FlagResult(out["dataset"] - out["base"], out["dataset"], out["base"], list(base_responses))
+    dataset, last = _projections(model, prompts, answers, vector, layer, batch_size, progress)
+    base = _projections(model, prompts, list(base_responses), vector, layer, batch_size, progress)[0]
+    return FlagResult(dataset - base, dataset, base, list(base_responses), last)
 
 
 

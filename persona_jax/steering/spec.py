@@ -194,3 +194,50 @@ def _position_masks(steerings: Sequence[Steering], phase: Phase, attention_mask:
         if masks:
             out[key] = np.stack(masks)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Steering across layers (the paper's appendix J.3, J.4).
+
+def every_layer(num_layers: int, first: int = 1) -> list[int]:
+    """Hidden-state indices first..L (1 = the output of the first block)."""
+    return list(range(int(first), int(num_layers) + 1))
+
+
+def incremental_vectors(vector, layers: Sequence[int]) -> np.ndarray:
+    """[L+1, D] whose row l, for every l in `layers`, is v[l] - v[l-1] (v[0] for l = 0),
+    and zero elsewhere. Added at every layer 1..l, the increments sum to v[l] - v[0], so
+    the residual stream carries (about) the persona vector of its own layer at each depth."""
+    v = np.asarray(vector, np.float32)
+    if v.ndim != 2:
+        raise PersonaError(f"a persona vector has shape [layers+1, hidden]; got {tuple(v.shape)}")
+    out = np.zeros_like(v)
+    for l in layers:
+        l = int(l)
+        if not 0 <= l < v.shape[0]:
+            raise PersonaError(f"steering layer {l} is outside 0..{v.shape[0] - 1} for this vector")
+        out[l] = v[l] - (v[l - 1] if l > 0 else 0.0)
+    return out
+
+
+def incremental_steering(vector, layers: Sequence[int] | None = None, coef: float | Sequence[float] = 1.0,
+                         positions: str = "all") -> Steering:
+    """Multi-layer steering with the increments v[l] - v[l-1] at every layer in `layers`
+    (default 1..L), one coefficient (or one per batch row) for all of them: a `Steering`
+    for `generate`, the steering runners and training (preventative steering)."""
+    v = np.asarray(vector, np.float32)
+    layers = every_layer(v.shape[0] - 1) if layers is None else sorted({int(l) for l in layers})
+    if not layers:
+        raise PersonaError("incremental steering needs at least one layer")
+    return Steering(incremental_vectors(v, layers), layer=layers, coef=coef, positions=positions)
+
+
+def ablation_every_layer(vector, layers: Sequence[int] | None = None, coef: float = 1.0,
+                         positions: str = "all") -> Steering:
+    """CAFT at every layer: h <- h - coef (h . u_l) u_l with u_l = v[l] / |v[l]| at each layer
+    in `layers` (default 1..L), as one `Steering` of kind "ablate"."""
+    v = np.asarray(vector, np.float32)
+    layers = every_layer(v.shape[0] - 1) if layers is None else sorted({int(l) for l in layers})
+    if not layers:
+        raise PersonaError("ablation needs at least one layer")
+    return Steering(v, layer=layers, coef=coef, positions=positions, kind="ablate")
