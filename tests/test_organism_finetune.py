@@ -73,4 +73,8 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
     assert abs(ft["cross_trait"]["evil"] - evals["evil"].mean()) < 1e-9
     assert abs(ft["cross_trait_shift"]["evil"] - runs["evil_mix100"]["shift_prompt_last"]) < 1e-4
     report = json.loads((wd / "report.json").read_text())
-    assert report["cross_trait"]["datasets"] == ["evil_mix100"]
+    m = report["cross_trait"]  # one trait: every dataset is scored on every trait
+    assert m["datasets"] == list(runs) and m["traits"] == ["evil"]
+    for label, row in zip(m["datasets"], m["scores"]):
+        frame = pd.read_csv(wd / "evil" / "finetune" / f"eval_{label}.csv")
+        assert abs(row[0] - frame["evil"].mean()) < 1e-9, label

@@ -6,7 +6,10 @@ post-hoc mitigation, and flagging data before training.
 (`finetune_datasets`, `flagging_dataset`, `content_metric`), so the organism and real
 models share this code. Every run writes a `{trait}/finetune.json` / `flagging.json`
 summary, so a killed pipeline resumes at the first unfinished step; each training run
-checkpoints under its own workdir and resumes too.
+checkpoints under its own workdir and resumes too. The plain fine-tune on a dataset trains
+in `{workdir}/finetune_models/` (`dataset_model_dir`), shared by every trait: a dataset
+several traits use is trained once. Capability of every run: `finetune_capability.py`;
+every fine-tuned model scored on every trait: `cross_trait.py` (after all traits).
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ def dataset_model_dir(workdir: str, label: str, path: str) -> str:
 @pl.resumable_step("finetune.json")
 def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
-    and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model."""
+    and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model;
+    with capability items (`capability.data` or the source's own task), `capability`:
+    percent correct before, after, preventative, CAFT and post-hoc (`finetune_capability`)."""
     f = cfg.finetune
     d = os.path.join(workdir, name, "finetune")
     os.makedirs(d, exist_ok=True)
