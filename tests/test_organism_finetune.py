@@ -22,7 +22,7 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
            "--config.finetune.ratios=(0.0,0.5,1.0)", "--config.finetune.n_train=2560",
            "--config.finetune.num_steps=80", "--config.finetune.n_questions=10",
            "--config.finetune.posthoc_coefs=(8.0,12.0)", "--config.finetune.coherence_floor=50.0",
-           "--config.flagging.n=160", "--config.flagging.dataset_samples=60"]
+           "--config.flagging.n=160", "--config.flagging.dataset_samples=60", "--config.capability.n_items=40"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     e = json.loads((wd / "report.json").read_text())["traits"]["evil"]
@@ -52,3 +52,29 @@ def test_finetune_and_flagging_steps_on_the_organism(tmp_path):
         pairs = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
         assert abs(fl[key] - pairs.mean()) < 1e-9, key
     assert "fine-tuning" in (wd / "report.md").read_text()
+    # issue 18: capability of every fine-tuning run, recounted from the per-item CSV (pandas)
+    import pandas as pd
+    cap = ft["capability"]
+    frame = pd.read_csv(wd / "evil" / "finetune" / "capability.csv")
+    assert (frame["correct"] == (frame["pred"] == frame["answer"]).astype(int)).all()
+    pct = lambda run, coef=0.0: 100.0 * frame[(frame["run"] == run) & (frame["coef"] == coef)]["correct"].mean()
+    assert (frame["run"] == "before").sum() == 40
+    for key in ("before", "preventative", "caft"):
+        assert abs(cap[key] - pct(key)) < 1e-9, key
+    assert abs(cap["after"] - pct("posthoc", 0.0)) < 1e-9
+    assert abs(cap["posthoc"] - pct("posthoc", cap["posthoc_coef"])) < 1e-9
+    best = min(p["trait"] for p in ft["posthoc"] if p["coherence"] >= 50.0)
+    assert cap["posthoc_coef"] == next(p["coef"] for p in ft["posthoc"] if p["trait"] == best)
+    assert cap["before"] >= 90  # the organism answers its own task before fine-tuning
+    # cross-trait (one trait here: tests/test_cross_trait.py has two): the score on the model
+    # fine-tuned on the full dataset is the judged CSV's mean, the shift the step's own
+    evals = pd.read_csv(wd / "evil" / "finetune" / "eval_evil_mix100.csv")
+    assert ft["cross_trait_dataset"] == "evil_mix100" and list(ft["cross_trait"]) == ["evil"]
+    assert abs(ft["cross_trait"]["evil"] - evals["evil"].mean()) < 1e-9
+    assert abs(ft["cross_trait_shift"]["evil"] - runs["evil_mix100"]["shift_prompt_last"]) < 1e-4
+    report = json.loads((wd / "report.json").read_text())
+    m = report["cross_trait"]  # one trait: every dataset is scored on every trait
+    assert m["datasets"] == list(runs) and m["traits"] == ["evil"]
+    for label, row in zip(m["datasets"], m["scores"]):
+        frame = pd.read_csv(wd / "evil" / "finetune" / f"eval_{label}.csv")
+        assert abs(row[0] - frame["evil"].mean()) < 1e-9, label

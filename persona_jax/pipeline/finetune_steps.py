@@ -6,11 +6,15 @@ post-hoc mitigation, and flagging data before training.
 (`finetune_datasets`, `flagging_dataset`, `content_metric`), so the organism and real
 models share this code. Every run writes a `{trait}/finetune.json` / `flagging.json`
 summary, so a killed pipeline resumes at the first unfinished step; each training run
-checkpoints under its own workdir and resumes too.
+checkpoints under its own workdir and resumes too. The plain fine-tune on a dataset trains
+in `{workdir}/finetune_models/` (`dataset_model_dir`), shared by every trait: a dataset
+several traits use is trained once. Capability of every run: `finetune_capability.py`;
+every fine-tuned model scored on every trait: `cross_trait.py` (after all traits).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Optional, Sequence
@@ -62,10 +66,23 @@ def finetune_model(model: Model, jsonl: str, cfg, workdir: str, steerings=None) 
     return dataclasses.replace(model, params=result.merged_params(), name=f"{model.name}+{os.path.basename(workdir)}")
 
 
+def dataset_model_dir(workdir: str, label: str, path: str) -> str:
+    """Training directory of the plain fine-tune on one dataset, shared by every trait:
+    `{workdir}/finetune_models/{label}-{content hash}`, so a dataset several traits use is
+    trained once (a later trait's step restores the finished checkpoint)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return os.path.join(workdir, "finetune_models", f"{label}-{h.hexdigest()[:12]}")
+
+
 @pl.resumable_step("finetune.json")
 def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
-    and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model."""
+    and CAFT on the most trait-heavy dataset, post-hoc steering of that fine-tuned model;
+    with capability items (`capability.data` or the source's own task), `capability`:
+    percent correct before, after, preventative, CAFT and post-hoc (`finetune_capability`)."""
     f = cfg.finetune
     d = os.path.join(workdir, name, "finetune")
     os.makedirs(d, exist_ok=True)
@@ -82,10 +99,15 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
         raise PersonaError(f"finetune.prevent_dataset {named!r} is not one of the datasets ({', '.join(datasets)})")
     base = ev(model, "base")
     base_means = {k: np.asarray(v) for k, v in base["means"].items()}
+    from persona_jax.pipeline import finetune_capability as fcap  # issue 18: capability of every model
+    cap_items = fcap.items(source, cfg)
+    recorder = fcap.Recorder(cap_items, cfg) if cap_items else None
+    progress = bool(cfg.progress)
+    caps = {"before": recorder.score(model, "before", progress=progress)[0]} if recorder else {}
     runs = {}
     tuned_full, full_label = None, None
     for label, (path, fraction) in datasets.items():
-        tuned = finetune_model(model, path, cfg, os.path.join(d, f"train_{label}"))
+        tuned = finetune_model(model, path, cfg, dataset_model_dir(workdir, label, path))
         r = ev(tuned, label)
         shift = finetuning_shift(base_means, {k: np.asarray(v) for k, v in r["means"].items()}, vector, layer)
         runs[label] = {"fraction": _none_if_nan(fraction), "trait": r["trait"], "coherence": r["coherence"],
@@ -98,9 +120,16 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     full_path = datasets[full_label][0]
 
     prev_steer = [Steering(vector, layer, float(f.preventative_coef), positions="all")]
-    prevented = ev(finetune_model(model, full_path, cfg, os.path.join(d, "train_preventative"), prev_steer), "preventative")
-    caft = ev(finetune_model(model, full_path, cfg, os.path.join(d, "train_caft"),
-                             [Steering(vector, layer, 1.0, positions="all", kind="ablate")]), "caft")
+    m = finetune_model(model, full_path, cfg, os.path.join(d, "train_preventative"), prev_steer)
+    prevented = ev(m, "preventative")
+    if recorder:
+        caps["preventative"] = recorder.score(m, "preventative", progress=progress)[0]
+    m = finetune_model(model, full_path, cfg, os.path.join(d, "train_caft"),
+                       [Steering(vector, layer, 1.0, positions="all", kind="ablate")])
+    caft = ev(m, "caft")
+    if recorder:
+        caps["caft"] = recorder.score(m, "caft", progress=progress)[0]
+    del m
 
     # Post-hoc: steer the fine-tuned model against the vector while generating.
     posthoc = []
@@ -109,6 +138,15 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
         posthoc.append({"coef": -float(c), "trait": r["trait"], "coherence": r["coherence"]})
     ok = [p["trait"] for p in posthoc if p["coherence"] is not None and p["coherence"] >= float(f.coherence_floor)
           and p["trait"] is not None]
+    if recorder:  # the fine-tuned model at coefficient 0 ("after") and at every post-hoc coefficient
+        sweep = recorder.score(tuned_full, "posthoc", vector, layer, [0.0] + [p["coef"] for p in posthoc],
+                               positions=str(f.posthoc_positions), progress=progress)
+        best_coef = next((p["coef"] for p in posthoc if ok and p["trait"] == min(ok) and p["coherence"] is not None
+                          and p["coherence"] >= float(f.coherence_floor)), None)
+        capability = fcap.summary(caps["before"], sweep[0], caps["preventative"], caps["caft"], posthoc, sweep[1:],
+                                  full["trait"], full["coherence"], prevented["trait"], best_coef,
+                                  str(cfg.capability.scoring), len(cap_items))
+        recorder.write(os.path.join(d, "capability.csv"))
     rise = _diff(full["trait"], base["trait"])
     rise = 0.0 if rise is None else rise
     labels = [k for k in runs if runs[k]["trait_change"] is not None]
@@ -130,6 +168,8 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
         "shift_trait_r_response_avg": pearson([runs[k]["shift_response_avg"] for k in labels],
                                               [runs[k]["trait_change"] for k in labels]),
     }
+    if recorder:
+        summary["capability"] = capability
     summary["markdown"] = _markdown(name, summary)
     return summary
 
@@ -243,5 +283,8 @@ def _markdown(name, s) -> str:
         g = lambda x: "n/a" if x is None else f"{x:.3g}"
         lines += [f"| {k} | {g(r['fraction'])} | {f(r['trait'])} | {f(r['trait_change'])} | "
                   f"{g(r['shift_prompt_last'])} | {g(r['shift_response_avg'])} |" for k, r in s["datasets"].items()]
+    if s.get("capability"):
+        from persona_jax.pipeline.finetune_capability import markdown
+        lines += markdown(s["capability"])
     return "\n".join(lines)
 

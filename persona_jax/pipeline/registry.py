@@ -97,5 +97,9 @@ def run(model, judge, source, cfg, workdir: str, progress: bool = True) -> dict:
                 entry["layer"] = chosen_layer(cfg, entry, model.num_layers)
         report["traits"][name] = entry
         core.write_summary(os.path.join(workdir, "report.json"), report)
+    if "finetune" in cfg.steps:  # issue 18: every fine-tuned model on every trait (needs every trait's vector)
+        from persona_jax.pipeline import cross_trait
+        cross_trait.run(model, judge, source, cfg, workdir, report, progress)
+        core.write_summary(os.path.join(workdir, "report.json"), report)
     core.write_markdown(report, os.path.join(workdir, "report.md"))
     return report

@@ -334,5 +334,7 @@ def write_markdown(report: dict, path: str):
         for step in e:
             if step not in ("extraction", "steering", "monitoring", "layer") and isinstance(e[step], dict) and "markdown" in e[step]:
                 lines += ["", e[step]["markdown"]]
+    if report.get("cross_trait"):  # the dataset x trait matrix (pipeline/cross_trait.py)
+        lines += ["", report["cross_trait"]["markdown"]]
     with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
