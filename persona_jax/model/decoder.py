@@ -152,12 +152,16 @@ class Attention(nn.Module):
             # cache layout (see `empty_cache`): k [B, KV, hd, S], v [B, KV, S, hd], so the
             # decode-step dots read the cache as it lies, without a transposed copy per step.
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, idx, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            q_slots = idx + jnp.arange(t)
+            if "layer" in cache or idx.ndim:  # the engine's decode step (runtime/engine.py)
+                k_all, v_all, new_cache = _slot_cache_update(cache, idx, k, v)
+                q_slots = (idx[:, None] if idx.ndim else idx) + jnp.arange(t)
+            else:
+                k_all = jax.lax.dynamic_update_slice(
+                    cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
+                v_all = jax.lax.dynamic_update_slice(
+                    cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, idx, 0))
+                new_cache = {"k": k_all, "v": v_all}
+                q_slots = idx + jnp.arange(t)
             qk, pv = "btkgd,bkds->bkgts", "bkgts,bksd->btkgd"
         else:
             k_all, v_all, new_cache = k, v, None
@@ -167,7 +171,8 @@ class Attention(nn.Module):
         kv_slots = jnp.arange(s)
 
         # [B, T, S] allowed: causal by slot, key is a real token, inside the sliding window.
-        allowed = (kv_slots[None, None, :] <= q_slots[None, :, None]) & ctx["kv_valid"][:, None, :]
+        q_slots = jnp.broadcast_to(q_slots, (b, t))  # [B, T] (one cache index per row in the engine)
+        allowed = (kv_slots[None, None, :] <= q_slots[:, :, None]) & ctx["kv_valid"][:, None, :]
         dist = ctx["positions"][:, :, None] - ctx["kv_pos"][:, None, :]
         allowed &= (window == 0) | (dist < window)
 
@@ -180,6 +185,37 @@ class Attention(nn.Module):
         out = jnp.einsum(pv, probs, v_all.astype(q.dtype))
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
+
+
+def _slot_cache_update(cache, idx, k, v):
+    """The engine's decode-step cache write (T new tokens per row, usually 1).
+
+    cache: {k, v} of one layer ([B, KV, hd, S] / [B, KV, S, hd]) or, with a "layer"
+    entry (a traced layer index), the stacked [L, ...] cache of every layer, updated in
+    place (a loop over layers carries the whole cache and writes only the new tokens'
+    slots, so no step copies a layer's cache out and back). idx: the first slot of the
+    new tokens, a scalar or one per row [B].
+    Returns (this layer's keys [B, KV, hd, S], values [B, KV, S, hd], the new cache in
+    the layout it came in).
+    """
+    b, t = k.shape[:2]
+    layer = cache.get("layer")
+    kc, vc = cache["k"], cache["v"]
+    k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(kc.dtype)  # [B, KV, hd, T]
+    v_new = jnp.transpose(v, (0, 2, 1, 3)).astype(vc.dtype)  # [B, KV, T, hd]
+    rows = jnp.arange(b)
+    cols = jnp.broadcast_to(jnp.asarray(idx).reshape(-1, 1) if jnp.ndim(idx) else idx, (b, 1)) + jnp.arange(t)
+    for j in range(t):
+        col = cols[:, j]
+        if layer is None:
+            kc = kc.at[rows, :, :, col].set(k_new[..., j], mode="drop")
+            vc = vc.at[rows, :, col, :].set(v_new[:, :, j], mode="drop")
+        else:
+            kc = kc.at[layer, rows, :, :, col].set(k_new[..., j], mode="drop")
+            vc = vc.at[layer, rows, :, col, :].set(v_new[:, :, j], mode="drop")
+    if layer is None:
+        return kc, vc, {"k": kc, "v": vc}
+    return kc[layer], vc[layer], {"k": kc, "v": vc, "layer": layer}
 
 
 def empty_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:
