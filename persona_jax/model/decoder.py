@@ -152,9 +152,10 @@ class Attention(nn.Module):
             # cache layout (see `empty_cache`): k [B, KV, hd, S], v [B, KV, S, hd], so the
             # decode-step dots read the cache as it lies, without a transposed copy per step.
             idx = ctx["cache_index"]
-            if "layer" in cache or idx.ndim:  # the engine's decode step (runtime/engine.py)
-                k_all, v_all, new_cache = _slot_cache_update(cache, idx, k, v)
-                q_slots = (idx[:, None] if idx.ndim else idx) + jnp.arange(t)
+            if "ring" in cache:  # the engine's decode step (runtime/engine.py): every row
+                # writes column idx; kv_valid alone says what a row sees (no causality by slot)
+                k_all, v_all, new_cache = _ring_cache_update(cache, idx, k, v)
+                q_slots = jnp.full((t,), k_all.shape[-1])
             else:
                 k_all = jax.lax.dynamic_update_slice(
                     cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
@@ -171,8 +172,7 @@ class Attention(nn.Module):
         kv_slots = jnp.arange(s)
 
         # [B, T, S] allowed: causal by slot, key is a real token, inside the sliding window.
-        q_slots = jnp.broadcast_to(q_slots, (b, t))  # [B, T] (one cache index per row in the engine)
-        allowed = (kv_slots[None, None, :] <= q_slots[:, :, None]) & ctx["kv_valid"][:, None, :]
+        allowed = (kv_slots[None, None, :] <= q_slots[None, :, None]) & ctx["kv_valid"][:, None, :]
         dist = ctx["positions"][:, :, None] - ctx["kv_pos"][:, None, :]
         allowed &= (window == 0) | (dist < window)
 
@@ -187,35 +187,24 @@ class Attention(nn.Module):
         return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
 
 
-def _slot_cache_update(cache, idx, k, v):
-    """The engine's decode-step cache write (T new tokens per row, usually 1).
-
-    cache: {k, v} of one layer ([B, KV, hd, S] / [B, KV, S, hd]) or, with a "layer"
-    entry (a traced layer index), the stacked [L, ...] cache of every layer, updated in
-    place (a loop over layers carries the whole cache and writes only the new tokens'
-    slots, so no step copies a layer's cache out and back). idx: the first slot of the
-    new tokens, a scalar or one per row [B].
-    Returns (this layer's keys [B, KV, hd, S], values [B, KV, S, hd], the new cache in
-    the layout it came in).
-    """
-    b, t = k.shape[:2]
+def _ring_cache_update(cache, idx, k, v):
+    """The engine's decode-step cache write (runtime/engine.py): every row writes its new
+    keys and values at column `idx` (a scalar, the same for every row) with one
+    dynamic_update_slice, in place. The cache is one layer's ({k, v, ring}) or, with a
+    "layer" entry (a traced layer index), the stacked [L, ...] cache of every layer
+    (a loop over layers carries the whole cache and writes only the new column).
+    Returns (this layer's keys [B, KV, hd, S], values [B, KV, S, hd], the new cache with
+    the same entries)."""
     layer = cache.get("layer")
-    kc, vc = cache["k"], cache["v"]
-    k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(kc.dtype)  # [B, KV, hd, T]
-    v_new = jnp.transpose(v, (0, 2, 1, 3)).astype(vc.dtype)  # [B, KV, T, hd]
-    rows = jnp.arange(b)
-    cols = jnp.broadcast_to(jnp.asarray(idx).reshape(-1, 1) if jnp.ndim(idx) else idx, (b, 1)) + jnp.arange(t)
-    for j in range(t):
-        col = cols[:, j]
-        if layer is None:
-            kc = kc.at[rows, :, :, col].set(k_new[..., j], mode="drop")
-            vc = vc.at[rows, :, col, :].set(v_new[:, :, j], mode="drop")
-        else:
-            kc = kc.at[layer, rows, :, :, col].set(k_new[..., j], mode="drop")
-            vc = vc.at[layer, rows, :, col, :].set(v_new[:, :, j], mode="drop")
+    kn = jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype)
+    vn = jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype)
     if layer is None:
-        return kc, vc, {"k": kc, "v": vc}
-    return kc[layer], vc[layer], {"k": kc, "v": vc, "layer": layer}
+        kc = jax.lax.dynamic_update_slice(cache["k"], kn, (0, 0, 0, idx))
+        vc = jax.lax.dynamic_update_slice(cache["v"], vn, (0, 0, idx, 0))
+        return kc, vc, {**cache, "k": kc, "v": vc}
+    kc = jax.lax.dynamic_update_slice(cache["k"], kn[None], (layer, 0, 0, 0, idx))
+    vc = jax.lax.dynamic_update_slice(cache["v"], vn[None], (layer, 0, 0, idx, 0))
+    return kc[layer], vc[layer], {**cache, "k": kc, "v": vc}
 
 
 def empty_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:

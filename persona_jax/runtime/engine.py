@@ -65,6 +65,14 @@ class EngineSpec:
     use_top_p: bool
     eos_ids: tuple[int, ...]
     pad_id: int
+    layer_loop: str = "unrolled"  # "unrolled" | "scan", see `decode_logits`
+
+
+def default_layer_loop() -> str:
+    """The faster decode layer loop for this backend (measured, benchmarks/engine_ragged.py):
+    "unrolled" on CPU, where a dynamic slice of the stacked cache is copied before the
+    attention dot; "scan" elsewhere."""
+    return "unrolled" if jax.default_backend() == "cpu" else "scan"
 
 
 @dataclasses.dataclass
@@ -116,7 +124,7 @@ _FILTER = _filter_params()
 def _slot_axis(path) -> int:
     names = [str(getattr(k, "key", k)) for k in path]
     if names[0] == "cache":
-        return 1
+        return 1 if names[1] in ("k", "v") else 0  # stacked [L, S, ...] or per layer [S, ...]
     if names[-1] in ("add_coef", "abl_coef"):
         return 2
     if names[-1] in ("add_vec", "abl_dir"):
@@ -129,7 +137,7 @@ def _slot_axis(path) -> int:
 def _state_specs(state, mesh):
     def spec(path, x):
         ax = _slot_axis(path)
-        if mesh is None or ax < 0:
+        if mesh is None or ax < 0 or x.ndim == 0:
             return P()
         s = [None] * x.ndim
         s[ax] = "data"
@@ -146,11 +154,14 @@ def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_templa
     s, c = spec.slots, spec.cache_len
 
     def make():
+        cache = empty_cache(config, s, c, dtype)
+        if spec.layer_loop == "unrolled":
+            cache = [{"k": cache["k"][l], "v": cache["v"][l]} for l in range(config.num_layers)]
         return {
-            "cache": empty_cache(config, s, c, dtype),
+            "cache": cache,
+            "t": jnp.zeros((), jnp.int32),  # decode steps so far: step t writes column t % cache_len
             "kv_valid": jnp.zeros((s, c), bool),
             "kv_pos": jnp.zeros((s, c), jnp.int32),
-            "base": jnp.zeros((s,), jnp.int32),  # the cache column of generated token 0
             "n_prompt": jnp.zeros((s,), jnp.int32),
             "n": jnp.zeros((s,), jnp.int32),  # tokens generated so far
             "last": jnp.full((s,), spec.pad_id, jnp.int32),
@@ -192,38 +203,52 @@ def _layer_rows(interventions, num_layers: int) -> dict:
     return out
 
 
-def decode_logits(config, params, tokens, ctx, cache, interventions=None):
-    """One decode call of every slot, weights read in place from the stacked params.
+def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled"):
+    """One decode call of every slot, the weights read from the stacked params (no copy of
+    the model: a layer's weights are sliced inside the step, one layer at a time).
 
-    tokens: [B, 1]; ctx: `make_ctx` with `cache_index` [B] (each row's column) plus
-    decode position masks; cache: the stacked {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]};
-    interventions: [L+1, ...] arrays with per-row coefficients, or None.
+    tokens: [B, 1]; ctx: `make_ctx` with `cache_index` (the column every row writes) plus
+    decode position masks; interventions: [L+1, ...] arrays with per-row coefficients, or None.
+    layer_loop "unrolled": cache is a list of per-layer {k: [B, KV, hd, S], v: [B, KV, S, hd]}
+      and the blocks are unrolled (compile time grows with depth, as the static path's);
+    layer_loop "scan": cache is the stacked {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]},
+      carried whole through a `lax.scan` over the layers, each writing its new column in
+      place (no cache through scan inputs / outputs).
     Returns (logits [B, V] float32 of the new position, the updated cache).
     """
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
     _, calls = apply.split_sites(interventions, ctx)
-    emb_rows = apply.embed_variables(interventions)
-    layer_rows = _layer_rows(interventions, c.num_layers)
 
     def variables(p, row):
         return {"params": p, "interventions": row} if row else {"params": p}
 
     with iv.active(apply.SITES, None, calls):
-        h = Embedding(c, dtype).apply(variables(params["embed_tokens"], emb_rows), tokens, ctx)
+        h = Embedding(c, dtype).apply(variables(params["embed_tokens"], apply.embed_variables(interventions)),
+                                      tokens, ctx)
+        if layer_loop == "unrolled":
+            new_cache = []
+            for l in range(c.num_layers):
+                lp = jax.tree.map(lambda x: x[l], params["layers"])
+                layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32),
+                            "cache": {**cache[l], "ring": True}}
+                h, nc = Block(c, dtype).apply(variables(lp, apply.layer_variables(interventions, l)), h,
+                                              layer_in, ctx)
+                new_cache.append({"k": nc["k"], "v": nc["v"]})
+        else:
+            def body(carry, xs):
+                h, k, v = carry
+                lp, row, window, l = xs
+                layer_in = {"window": window, "cache": {"k": k, "v": v, "layer": l, "ring": True}}
+                h, nc = Block(c, dtype).apply(variables(lp, row), h, layer_in, ctx)
+                return (h, nc["k"], nc["v"]), None
 
-        def body(carry, xs):
-            h, k, v = carry
-            lp, row, window, l = xs
-            layer_in = {"window": window, "cache": {"k": k, "v": v, "layer": l}}
-            h, new = Block(c, dtype).apply(variables(lp, row), h, layer_in, ctx)
-            return (h, new["k"], new["v"]), None
-
-        xs = (params["layers"], layer_rows, jnp.asarray(c.layer_windows, jnp.int32),
-              jnp.arange(c.num_layers, dtype=jnp.int32))
-        (h, k, v), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
+            xs = (params["layers"], _layer_rows(interventions, c.num_layers),
+                  jnp.asarray(c.layer_windows, jnp.int32), jnp.arange(c.num_layers, dtype=jnp.int32))
+            (h, k, v), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
+            new_cache = {"k": k, "v": v}
     h = norm(c, dtype).apply({"params": params["norm"]}, h[:, -1])
-    return lm_logits(c, h, head_kernel(c, params)), {"k": k, "v": v}
+    return lm_logits(c, h, head_kernel(c, params)), new_cache
 
 
 def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
@@ -239,19 +264,21 @@ def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
         i, st = carry
         st = dict(st)
         live = ~st["done"]
-        col = st["base"] + st["n"] - 1  # the column of `last`, the token fed now
-        kv_valid = st["kv_valid"].at[rows, col].set(True, mode="drop")
-        ctx = apply.make_ctx(jnp.ones((s, 1), jnp.int32), positions=(st["n_prompt"] + st["n"] - 1)[:, None],
-                             cache_index=col, kv_valid=kv_valid, kv_pos=st["kv_pos"])
+        col = st["t"] % spec.cache_len  # every row writes `last`, the token fed now, here
+        pos = st["n_prompt"] + st["n"] - 1
+        kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], live[:, None], (0, col))
+        kv_pos = jax.lax.dynamic_update_slice(st["kv_pos"], pos[:, None], (0, col))
+        ctx = apply.make_ctx(jnp.ones((s, 1), jnp.int32), positions=pos[:, None],
+                             cache_index=col, kv_valid=kv_valid, kv_pos=kv_pos)
         ctx.update(st["dpos"])
         logits, cache = decode_logits(config, params, st["last"][:, None], ctx, st["cache"],
-                                      st["steer"] or None)
+                                      st["steer"] or None, spec.layer_loop)
         nxt = pick_rows(logits, st["keys"], st["n"], st["temperature"], st["top_k"], st["top_p"],
                         st["min_new"], spec)
         nxt = jnp.where(live, nxt, spec.pad_id)
         st["out"] = st["out"].at[rows, jnp.where(live, st["n"], spec.max_new)].set(nxt, mode="drop")
         n = st["n"] + live.astype(jnp.int32)
-        st.update(cache=cache, kv_valid=kv_valid, n=n, last=jnp.where(live, nxt, st["last"]),
+        st.update(cache=cache, kv_valid=kv_valid, kv_pos=kv_pos, t=st["t"] + 1, n=n, last=jnp.where(live, nxt, st["last"]),
                   done=st["done"] | jnp.isin(nxt, eos) | (n >= st["max_new"]))
         return i + 1, st
 
@@ -280,15 +307,30 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, key
     logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=steer or None,
                                            cache=empty_cache(config, b, p, dtype), logits="last")
     first = pick_rows(logits[:, -1], keys, jnp.zeros((b,), jnp.int32), temperature, top_k, top_p, min_new, spec)
-    full_ctx, _, kv_pos = apply.prefill_ctx(mask, spec.cache_len)
+    # the prompt takes the p columns before the write head (the ring wraps), so the
+    # slot's next decode step writes column t % cache_len right after it
+    cols = (state["t"] - p + jnp.arange(p)) % spec.cache_len
     eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,))
     st = dict(state)
     put = lambda x, v: x.at[slot_ids].set(v, mode="drop")  # noqa: E731
-    st["cache"] = {"k": st["cache"]["k"].at[:, slot_ids, :, :, :p].set(cache["k"], mode="drop"),
-                   "v": st["cache"]["v"].at[:, slot_ids, :, :p, :].set(cache["v"], mode="drop")}
+    rows2, cols2 = slot_ids[:, None], cols[None, :]
+
+    def put_cols(x, upd, slot_ax, col_ax):  # x[.., slot, .., col, ..] = upd (rows x prompt columns)
+        idx = [slice(None)] * x.ndim
+        idx[slot_ax], idx[col_ax] = rows2, cols2
+        return x.at[tuple(idx)].set(jnp.moveaxis(upd, (slot_ax, col_ax), (0, 1)), mode="drop")
+
+    if spec.layer_loop == "unrolled":
+        st["cache"] = [{"k": put_cols(st["cache"][l]["k"], cache["k"][l], 0, 3),
+                        "v": put_cols(st["cache"][l]["v"], cache["v"][l], 0, 2)} for l in range(config.num_layers)]
+    else:
+        st["cache"] = {"k": put_cols(st["cache"]["k"], cache["k"], 1, 4),
+                       "v": put_cols(st["cache"]["v"], cache["v"], 1, 3)}
+    kv_valid = jnp.zeros((b, spec.cache_len), bool).at[:, cols].set(mask.astype(bool))
+    kv_pos = jnp.zeros((b, spec.cache_len), jnp.int32).at[:, cols].set(ctx["positions"])
     out = jnp.full((b, spec.max_new), spec.pad_id, jnp.int32).at[:, 0].set(first)
-    st.update(kv_valid=put(st["kv_valid"], full_ctx["kv_valid"]), kv_pos=put(st["kv_pos"], kv_pos),
-              base=put(st["base"], jnp.full((b,), p, jnp.int32)), n_prompt=put(st["n_prompt"], n_prompt),
+    st.update(kv_valid=put(st["kv_valid"], kv_valid), kv_pos=put(st["kv_pos"], kv_pos),
+              n_prompt=put(st["n_prompt"], n_prompt),
               n=put(st["n"], jnp.ones((b,), jnp.int32)), last=put(st["last"], first),
               done=put(st["done"], jnp.isin(first, eos) | (max_new <= 1)), out=put(st["out"], out),
               keys=put(st["keys"], keys), temperature=put(st["temperature"], temperature),
@@ -419,7 +461,8 @@ class Engine:
 
 
 def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
-                    batch_size, progress=False) -> list[list[int]]:
+                    batch_size, progress=False, layer_loop: str | None = None, chunk: int = 32,
+                    prefill_batch: int = 8) -> list[list[int]]:
     """`generate`'s engine path: token ids per input (new tokens, EOS included when
     emitted). ids: prompt token ids per input; limits: max_new_tokens per input."""
     from tqdm.auto import tqdm
@@ -431,7 +474,8 @@ def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_token
     max_new = -(-max(limits) // 16) * 16
     spec = EngineSpec(slots=slots, cache_len=batching.bucket(max(map(len, ids))) + max_new, max_new=max_new,
                       greedy=temperature == 0, use_top_k=top_k is not None, use_top_p=top_p < 1.0,
-                      eos_ids=model.eos_token_ids, pad_id=model.pad_token_id)
+                      eos_ids=model.eos_token_ids, pad_id=model.pad_token_id,
+                      layer_loop=layer_loop or default_layer_loop())
     steering = None
     if steerings:
         L, D = model.num_layers, model.hidden_size
@@ -439,7 +483,7 @@ def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_token
                     lambda rows, mask: position_masks(steerings, "prefill", mask),
                     lambda rows: position_masks(steerings, "decode", np.ones((len(rows), 1), np.int32)))
     eng = Engine(model.config, model.params, spec, model.mesh, seed=seed, steering=steering,
-                 prefill_batch=min(slots, 8))
+                 prefill_batch=min(slots, prefill_batch), chunk=chunk)
     reqs = [Request(ids[i], i, limits[i], min_new_tokens, float(temperature), int(top_k or 0), float(top_p))
             for i in range(n)]
     with tqdm(total=n, desc="generate", disable=not progress) as bar:
