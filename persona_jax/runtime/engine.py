@@ -173,15 +173,28 @@ def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_templa
             "top_p": jnp.ones((s,), jnp.float32),
             "min_new": jnp.ones((s,), jnp.int32),
             "max_new": jnp.ones((s,), jnp.int32),
-            "steer": jax.tree.map(jnp.asarray, steer_template or {}),
-            "dpos": jax.tree.map(jnp.asarray, dpos_template or {}),
+            "steer": jax.tree.map(jnp.asarray, steer_template),
+            "dpos": jax.tree.map(jnp.asarray, dpos_template),
         }
 
-    if mesh is None:
-        return jax.jit(make)()
-    shapes = jax.eval_shape(make)
-    shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), _state_specs(shapes, mesh))
-    return jax.jit(make, out_shardings=shardings)()
+    templates = (steer_template or {}, dpos_template or {})
+    key = (config, spec, jnp.dtype(dtype).name, mesh, jax.tree.structure(templates),
+           tuple((np.shape(x), np.asarray(x).dtype.name) for x in jax.tree.leaves(templates)))
+    if key not in _INIT_CACHE:
+        def maker(templates):
+            nonlocal steer_template, dpos_template
+            steer_template, dpos_template = templates
+            return make()
+        if mesh is None:
+            _INIT_CACHE[key] = jax.jit(maker)
+        else:
+            shapes = jax.eval_shape(maker, templates)
+            shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), _state_specs(shapes, mesh))
+            _INIT_CACHE[key] = jax.jit(maker, out_shardings=shardings)
+    return _INIT_CACHE[key](templates)
+
+
+_INIT_CACHE: dict = {}
 
 
 def state_bytes(state) -> dict:
@@ -298,9 +311,10 @@ def _mesh_of(state):
 
 
 # ----------------------------------------------------------------------------- insert
-def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, keys, temperature, top_k, top_p,
-            min_new, max_new, steer, prefill_pos, dpos):
+def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k,
+            top_p, min_new, max_new, steer, prefill_pos, dpos):
     b, p = tokens.shape
+    keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(index)  # as the static path keys its rows
     dtype = params["embed_tokens"]["embedding"].dtype
     ctx, n_prompt, _ = apply.prefill_ctx(mask, p)
     ctx.update(prefill_pos or {})
@@ -346,17 +360,17 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, key
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
-def insert(config, params, state, tokens, mask, slot_ids, keys, temperature, top_k, top_p, min_new, max_new,
-           steer=None, prefill_pos=None, dpos=None, *, spec: EngineSpec):
+def insert(config, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new,
+           max_new, steer=None, prefill_pos=None, dpos=None, *, spec: EngineSpec):
     """Prefill a batch of requests and write them into the slots `slot_ids` [B] (an id
     >= spec.slots marks a padding row, dropped). tokens, mask: [B, P] left-padded;
-    keys [B, 2]; temperature, top_k, top_p, min_new, max_new: [B]; steer: intervention
+    index [B]: input indices, whose keys are fold_in(base_key, index); temperature, top_k, top_p, min_new, max_new: [B]; steer: intervention
     arrays for these rows (coefficients [L+1, K, B]); prefill_pos / dpos: position masks
     [K, B, P] / [K, B, 1]. Returns the new state (the old one is donated)."""
     return sh.auto_axes_call(
         lambda *a: _insert(config, spec, *a),
-        (params, state, tokens, mask, slot_ids, keys, temperature, top_k, top_p, min_new, max_new, steer,
-         prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
+        (params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new, max_new,
+         steer, prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -398,14 +412,13 @@ class Engine:
 
         def col(f, dtype, fill):
             return np.asarray([f(r) for r in reqs] + [fill] * pad, dtype)
-        keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(self.base_key, i))(jnp.asarray(np.maximum(rows, 0))))
         slots = np.asarray(list(slot_ids) + [spec.slots] * pad, np.int32)
         steer = prefill_pos = dpos = None
         if self.steering is not None:
             steer = self.steering[0](rows)
             prefill_pos = self.steering[1](rows, mask)
             dpos = self.steering[2](rows)
-        arrays = [tokens, mask, slots, keys, col(lambda r: r.temperature, np.float32, 1.0),
+        arrays = [tokens, mask, slots, np.maximum(rows, 0).astype(np.int32), col(lambda r: r.temperature, np.float32, 1.0),
                   col(lambda r: r.top_k, np.int32, 0), col(lambda r: r.top_p, np.float32, 1.0),
                   col(lambda r: r.min_new_tokens, np.int32, 1), col(lambda r: r.max_new_tokens, np.int32, 1)]
         placed = batching.place(self.mesh, *arrays)
@@ -415,7 +428,8 @@ class Engine:
                 if str(getattr(path[-1], "key", "")).endswith("_coef") else jnp.asarray(x), steer)
             prefill_pos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), prefill_pos)
             dpos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), dpos)
-        self.state = insert(self.config, self.params, self.state, *placed, steer, prefill_pos, dpos, spec=spec)
+        self.state = insert(self.config, self.params, self.state, *placed[:4], self.base_key, *placed[4:], steer,
+                            prefill_pos, dpos, spec=spec)
         self.stats["insert_calls"] += 1
 
     def run(self, requests: Sequence[Request], progress=None) -> dict[int, list[int]]:
