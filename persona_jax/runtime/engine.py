@@ -373,6 +373,22 @@ def insert(config, params, state, tokens, mask, slot_ids, index, base_key, tempe
          steer, prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
 
 
+# ----------------------------------------------------------------------------- compaction
+def _compact(state, keep):
+    out = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if x.ndim == 0 or _slot_axis(path) < 0 else jnp.take(x, keep, axis=_slot_axis(path)), state)
+    return out
+
+
+@jax.jit
+def compact(state, keep):
+    """The state of the slots `keep` [S'] only, in that order (a smaller pool: when the
+    queue is empty and most slots are done, the remaining rows decode in fewer slots; a
+    step's cost on CPU scales with the slot count)."""
+    return sh.auto_axes_call(lambda st, k: _compact(st, k), (state, keep),
+                             lambda: _state_specs(state, _mesh_of(state)))
+
+
 # ----------------------------------------------------------------------------- host loop
 class Engine:
     """A pool of `spec.slots` decode slots over one model's params.
@@ -383,19 +399,20 @@ class Engine:
     """
 
     def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
-                 prefill_batch: int = 8, chunk: int = 32, refill_fraction: float = 0.125):
+                 prefill_batch: int = 8, chunk: int = 32, refill_fraction: float = 0.125, shrink: bool = True):
         self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
         self.base_key = jax.random.PRNGKey(seed)
         self.steering = steering
         self.multiple = batching.batch_multiple(mesh)
         self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
-        self.chunk, self.refill_fraction = chunk, refill_fraction
+        self.chunk, self.refill_fraction, self.shrink = chunk, refill_fraction, shrink
         dtype = params["embed_tokens"]["embedding"].dtype
         steer = dpos = None
         if steering is not None:
             empty = np.full(spec.slots, -1)
             steer = steering[0](empty)
             dpos = steering[2](empty)
+        self.full_spec, self._init = spec, (config, dtype, steer, dpos, mesh)
         self.state = init_state(config, spec, dtype, steer, dpos, mesh)
         self.stats = {"decode_calls": 0, "insert_calls": 0}
 
@@ -432,9 +449,27 @@ class Engine:
                             prefill_pos, dpos, spec=spec)
         self.stats["insert_calls"] += 1
 
+    def _maybe_shrink(self, owner, busy):
+        """Move the busy slots into a pool of half the size or less (a power of two times
+        the mesh's data axis) once the queue is empty and at most half the slots are busy."""
+        size = self.spec.slots
+        new = batching.grow_batch(1 << (busy - 1).bit_length(), self.multiple)
+        if new > size // 2 or new < 1:
+            return owner
+        keep = [s for s in range(size) if owner[s] is not None]
+        keep += [s for s in range(size) if owner[s] is None][: new - len(keep)]
+        self.state = compact(self.state, batching.place(None, np.asarray(keep, np.int32)))
+        self.spec = dataclasses.replace(self.spec, slots=new)
+        self.stats["shrinks"] = self.stats.get("shrinks", 0) + 1
+        return [owner[s] for s in keep]
+
     def run(self, requests: Sequence[Request], progress=None) -> dict[int, list[int]]:
         """Generate every request; returns {request.index: new token ids (EOS included
         when emitted)}. Requests are admitted in the given order."""
+        if self.spec != self.full_spec:  # the previous run shrank the pool
+            self.spec = self.full_spec
+            config, dtype, steer, dpos, mesh = self._init
+            self.state = init_state(config, self.spec, dtype, steer, dpos, mesh)
         spec = self.spec
         for r in requests:
             if r.max_new_tokens > spec.max_new:
@@ -453,6 +488,9 @@ class Engine:
                     owner[s] = r
                 self._insert(batch, slots)
             busy = sum(o is not None for o in owner)
+            if not waiting and self.shrink and busy:
+                owner = self._maybe_shrink(owner, busy)
+                spec = self.spec
             if waiting:  # come back when a few slots can take waiting requests
                 want = min(len(waiting), max(1, int(spec.slots * self.refill_fraction)))
                 stop_at = spec.slots - busy + want
