@@ -234,7 +234,7 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--sections", default="ragged,step,memory")
     args = ap.parse_args()
-    args.requests, args.cap, args.slots, args.chunks = 256, 256, 32, [8, 32, 128]
+    args.requests, args.cap, args.slots, args.chunks = 256, 256, 32, [4, 8, 32]
     model_kwargs = dict(MODEL)
     if args.quick:
         args.requests, args.cap, args.slots, args.chunks, args.repeats = 24, 32, 8, [], 1

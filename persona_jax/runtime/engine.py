@@ -399,7 +399,7 @@ class Engine:
     """
 
     def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
-                 prefill_batch: int = 8, chunk: int = 32, refill_fraction: float = 0.125, shrink: bool = True):
+                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125, shrink: bool = True):
         self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
         self.base_key = jax.random.PRNGKey(seed)
         self.steering = steering
@@ -513,7 +513,7 @@ class Engine:
 
 
 def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
-                    batch_size, progress=False, layer_loop: str | None = None, chunk: int = 32,
+                    batch_size, progress=False, layer_loop: str | None = None, chunk: int = 8,
                     prefill_batch: int = 8) -> list[list[int]]:
     """`generate`'s engine path: token ids per input (new tokens, EOS included when
     emitted). ids: prompt token ids per input; limits: max_new_tokens per input."""
