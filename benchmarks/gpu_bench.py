@@ -11,7 +11,9 @@ output_hidden_states); capture model-FLOPs utilisation (2 x matmul params x toke
 causal attention, over the chip's peak dense bf16); greedy decode tokens/s at the same
 batch vs HF `generate`; then, while the time budget lasts, steered greedy decode (a
 per-row coefficient at the middle layer, HF with a forward hook) and sampled decode;
-peak device memory of each side. Rows print as they are measured, so a run cut short
+the continuous-batching engine at 64 and 256 slots on issue 19's ragged workload scaled
+to a 1,000-token cap, with its share of the HBM roofline (`engine_rows`); peak device
+memory of each side. Rows print as they are measured, so a run cut short
 still reports what it finished. Weights are random (nothing is downloaded); the two sides have
 different random weights of the same shapes, which does not change the work done.
 """
@@ -49,6 +51,12 @@ def main():
                           ("budget_s", 300)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--no_torch", action="store_true", help="skip the transformers side")
+    p.add_argument("--engine_slots", default="64,256", help="decode slots of the engine rows (comma separated)")
+    p.add_argument("--engine_cap", type=int, default=1000, help="token cap of the ragged workload")
+    p.add_argument("--engine_requests_per_slot", type=int, default=2)
+    p.add_argument("--engine_loops", default="scan,unrolled", help="engine layer loops to measure (the first at "
+                   "every slot count, the others at the first slot count)")
+    p.add_argument("--hbm_tb_s", type=float, default=0.0, help="HBM bandwidth, TB/s (default: from the device name)")
     a = p.parse_args()
 
     dev = jax.devices()[0]
@@ -175,6 +183,8 @@ def main():
         row(f"{name} decode tokens/s, batch {bd}, {nt} new (compile + runs {t_first:.0f} s)", f"{dec_s:,.0f}",
             f"{hf_s:,.0f}" if hf_s else "", f"{ratio} ({target})" if target and ratio else ratio)
 
+    engine_rows(a, config, params, kind, row, start)
+
     stats = getattr(dev, "memory_stats", lambda: None)() or {}
     hf_peak = torch.cuda.max_memory_allocated() / 2**30 if not a.no_torch and tdev == "cuda" else None
     pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)) / 2**30
@@ -189,6 +199,54 @@ def main():
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+
+
+HBM_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
+
+
+def engine_rows(a, config, params, kind, row, start):
+    """Decode tokens/s of the continuous-batching engine on the ragged workload of issue 19
+    scaled to a `engine_cap`-token cap (1 + Exp(cap / 4) new tokens, capped; 128-token
+    prompts), sampled at T=1, and the share of the HBM roofline: the bytes one decode step
+    must read (block weights + LM head + the whole dense KV cache, which the attention
+    reads at every step) over the measured time per step (decode steps counted on device)."""
+    from persona_jax.runtime import engine
+    from persona_jax.runtime.batching import bucket
+    hbm = a.hbm_tb_s or next((v for k, v in HBM_TB_S.items() if k in kind), 0.0)
+    loops = a.engine_loops.split(",")
+    rng = np.random.default_rng(1)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) - params["embed_tokens"]["embedding"].nbytes
+    if config.tie_word_embeddings:
+        weight_bytes += params["embed_tokens"]["embedding"].nbytes
+    for i, slots in enumerate(int(x) for x in a.engine_slots.split(",")):
+        for loop in loops if i == 0 else loops[:1]:
+            if time.perf_counter() - start > a.budget_s:
+                print(f"(skipped engine {slots} slots {loop}: past the {a.budget_s} s budget)", flush=True)
+                continue
+            n = slots * a.engine_requests_per_slot
+            limits = np.minimum(a.engine_cap, 1 + np.floor(rng.exponential(a.engine_cap / 4, n))).astype(int)
+            prompts = rng.integers(2, a.vocab, (n, a.prompt_len))
+            max_new = -(-a.engine_cap // 16) * 16
+            spec = engine.EngineSpec(slots=slots, cache_len=bucket(a.prompt_len) + max_new, max_new=max_new,
+                                     greedy=False, use_top_k=False, use_top_p=False, eos_ids=(1,), pad_id=0,
+                                     layer_loop=loop)
+            reqs = [engine.Request(prompts[j].tolist(), j, int(limits[j]), int(limits[j]), 1.0) for j in range(n)]
+            eng = engine.Engine(config, params, spec, seed=0, prefill_batch=min(slots, 16))
+            eng.run(reqs[: max(slots // 4, 1)])  # compile (insert, decode) on a short run
+            kv = engine.state_bytes(eng.state)
+            t0 = time.perf_counter()
+            steps0 = int(eng.state["t"])
+            out = eng.run(reqs)
+            sec = time.perf_counter() - t0
+            steps = int(eng.state["t"]) - steps0
+            useful = sum(map(len, out.values()))
+            share = (weight_bytes + kv["kv"]) / (sec / steps) / (hbm * 1e12) if hbm else float("nan")
+            row(f"engine decode tokens/s, {slots} slots ({loop}), ragged to {a.engine_cap} "
+                f"(mean {limits.mean():.0f}), T=1", f"{useful / sec:,.0f}", "",
+                f"HBM roofline {100 * share:.0f}% ({(weight_bytes + kv['kv']) / 1e9:.1f} GB/step, "
+                f"{1e3 * sec / steps:.1f} ms/step; KV {kv['kv'] / 1e9:.1f} GB)" if hbm else
+                f"{(weight_bytes + kv['kv']) / 1e9:.3f} GB/step, {1e3 * sec / steps:.1f} ms/step")
+            del eng
 
 
 if __name__ == "__main__":

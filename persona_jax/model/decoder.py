@@ -152,12 +152,17 @@ class Attention(nn.Module):
             # cache layout (see `empty_cache`): k [B, KV, hd, S], v [B, KV, S, hd], so the
             # decode-step dots read the cache as it lies, without a transposed copy per step.
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, idx, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            q_slots = idx + jnp.arange(t)
+            if "ring" in cache:  # the engine's decode step (runtime/engine.py): every row
+                # writes column idx; kv_valid alone says what a row sees (no causality by slot)
+                k_all, v_all, new_cache = _ring_cache_update(cache, idx, k, v)
+                q_slots = jnp.full((t,), k_all.shape[-1])
+            else:
+                k_all = jax.lax.dynamic_update_slice(
+                    cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, idx))
+                v_all = jax.lax.dynamic_update_slice(
+                    cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, idx, 0))
+                new_cache = {"k": k_all, "v": v_all}
+                q_slots = idx + jnp.arange(t)
             qk, pv = "btkgd,bkds->bkgts", "bkgts,bksd->btkgd"
         else:
             k_all, v_all, new_cache = k, v, None
@@ -180,6 +185,26 @@ class Attention(nn.Module):
         out = jnp.einsum(pv, probs, v_all.astype(q.dtype))
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out), new_cache
+
+
+def _ring_cache_update(cache, idx, k, v):
+    """The engine's decode-step cache write (runtime/engine.py): every row writes its new
+    keys and values at column `idx` (a scalar, the same for every row) with one
+    dynamic_update_slice, in place. The cache is one layer's ({k, v, ring}) or, with a
+    "layer" entry (a traced layer index), the stacked [L, ...] cache of every layer
+    (a loop over layers carries the whole cache and writes only the new column).
+    Returns (this layer's keys [B, KV, hd, S], values [B, KV, S, hd], the new cache with
+    the same entries)."""
+    layer = cache.get("layer")
+    kn = jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype)
+    vn = jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype)
+    if layer is None:
+        kc = jax.lax.dynamic_update_slice(cache["k"], kn, (0, 0, 0, idx))
+        vc = jax.lax.dynamic_update_slice(cache["v"], vn, (0, 0, idx, 0))
+        return kc, vc, {**cache, "k": kc, "v": vc}
+    kc = jax.lax.dynamic_update_slice(cache["k"], kn[None], (layer, 0, 0, 0, idx))
+    vc = jax.lax.dynamic_update_slice(cache["v"], vn[None], (layer, 0, 0, idx, 0))
+    return kc[layer], vc[layer], {**cache, "k": kc, "v": vc}
 
 
 def empty_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:

@@ -295,7 +295,7 @@ def tokenize(model, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0,
              top_k: int | None = None, min_new_tokens: int = 1, seed: int = 0,
              steering: Steering | Sequence[Steering] | None = None, batch_size: int = 32,
              return_tokens: bool = False, progress: bool = False):
@@ -305,20 +305,35 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
       model: a loaded `Model`.
       inputs: list of chat conversations (rendered with the chat template and generation
         prompt) or of already rendered prompt strings.
-      max_new_tokens: tokens to generate at most per input.
+      max_new_tokens: tokens to generate at most per input, or a list with one limit
+        per input.
       temperature: 0 = greedy; top_p / top_k filter before sampling.
       min_new_tokens: EOS is forbidden before this many tokens.
       seed: results are a deterministic function of (seed, input index).
       steering: one `Steering` or several (applied together); per-row coefficients
         follow the order of `inputs`. `Steering.site` "attn" / "mlp" steers the
         attention / MLP output of a block (vector [L, D], row i = block i).
+      batch_size: decode slots of the continuous-batching engine (`runtime/engine.py`):
+        a finished row's slot takes the next input at once.
       return_tokens: return a `Generation` (texts, token ids, prompts) instead of texts.
+
+    Goes through the continuous-batching engine; longrope checkpoints whose rows can
+    cross `rope_original_max_position` (Phi-3 128k) keep the static batches of
+    `generate_arrays` (the crossing step recomputes the whole sequence).
     """
-    if max_new_tokens < 1:
-        raise PersonaError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     prompts = render_prompts(model, inputs)
     if not prompts:
         raise PersonaError("generate got an empty list of inputs")
+    if np.ndim(max_new_tokens) == 0:
+        limits = [int(max_new_tokens)] * len(prompts)
+    else:
+        limits = [int(m) for m in max_new_tokens]
+        if len(limits) != len(prompts):
+            raise PersonaError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} inputs; "
+                               "give one limit per input or a single number")
+    if min(limits) < 1:
+        raise PersonaError(f"max_new_tokens must be >= 1; got {min(limits)}")
+    max_new_tokens = max(limits)
     ids = tokenize(model, prompts)
     for i, s in enumerate(ids):
         if not s:
@@ -327,6 +342,15 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
     site_rows = apply.steering_sites(model.config)
     validate_all(steerings, model.num_layers, model.hidden_size, len(prompts), site_rows)
     tok = model.require_tokenizer()
+    c = model.config
+    longrope = (c.rope_type == "longrope" and batching.bucket(max(map(len, ids))) + max_new_tokens
+                > c.rope_original_max_position)
+    if not longrope:
+        from persona_jax.runtime import engine
+        new_tokens = engine.generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed,
+                                            steerings, site_rows, batch_size, progress)
+        texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
+        return Generation(texts=texts, tokens=new_tokens, prompts=prompts) if return_tokens else texts
     sp = SamplingParams(max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
                         use_top_k=top_k is not None, use_top_p=top_p < 1.0,
                         eos_ids=model.eos_token_ids, pad_id=model.pad_token_id)
@@ -352,7 +376,7 @@ def generate(model, inputs, max_new_tokens: int, temperature: float = 1.0, top_p
             interventions, prefill_pos, decode_pos, sp=sp, cache_len=cache_len, scan_decode=model.scan_decode)
         out, lengths = batching.to_host(out), batching.to_host(lengths)
         for j, r in enumerate(rows):
-            new_tokens[r] = out[j, : lengths[j]].tolist()
+            new_tokens[r] = out[j, : min(lengths[j], limits[r])].tolist()
     texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
     if return_tokens:
         return Generation(texts=texts, tokens=new_tokens, prompts=prompts)

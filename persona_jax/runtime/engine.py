@@ -1,0 +1,543 @@
+"""Continuous batching: a fixed pool of decode slots fed by prefill -> insert -> generate.
+
+The pattern of the JAX serving engines (JetStream, MaxText's inference), written for
+this package's decoder and interventions:
+
+* `insert`: a small batch of waiting requests (prompt widths bucketed) is prefilled with
+  the scanned decoder, its first tokens are sampled, and its KV rows, positions,
+  `kv_valid`, sampling parameters, PRNG keys and steering rows are written into free
+  slots of one stacked state (cache [L, slots, ...]).
+* `decode`: a jitted `lax.while_loop` of single-token steps over every slot, on device,
+  for at most `chunk` steps; it returns early once `stop_at` slots are done (the host
+  has requests waiting for them) or every slot is done.
+* the host loop (`Engine.run`) streams finished rows out and refills free slots.
+
+One copy of the weights: a decode step runs the blocks in a `lax.scan` over the stacked
+[L, ...] params (no per-layer copies), with the whole KV cache in the scan carry; each
+block writes only its new token's column (`decoder._slot_cache_update`), so no step
+copies the cache through scan inputs / outputs.
+
+Every request carries its own input index (its PRNG key is
+`fold_in(PRNGKey(seed), index)`, then `fold_in(key, step)` per new token, as the static
+path keys them), sampling parameters, token limits and steering row, so results are a
+deterministic function of (seed, request index): they do not depend on the slot count,
+the arrival order or the other requests.
+
+Not covered: longrope checkpoints (Phi-3 128k) whose rows cross
+`rope_original_max_position` recompute the whole sequence at that step; `generate`
+sends those to the static path (`generate.generate_arrays`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from persona_jax.model import sharding as sh
+from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
+from persona_jax.runtime import apply, batching
+from persona_jax.runtime.generate import _filter_logits
+from persona_jax.steering import interceptor as iv
+from persona_jax.steering import sites
+from persona_jax.steering.sites import Layout
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """The static shape of an engine (part of its compiled programs).
+
+    slots: decode slots (a multiple of the mesh's data axis); cache_len: KV columns per
+    slot (>= the widest prefill bucket + the largest max_new_tokens); max_new: width of
+    the per-slot output buffer; greedy / use_top_k / use_top_p: which sampling code is
+    compiled (per-slot temperature, top_k, top_p are dynamic); eos_ids, pad_id.
+    """
+
+    slots: int
+    cache_len: int
+    max_new: int
+    greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    layer_loop: str = "unrolled"  # "unrolled" | "scan", see `decode_logits`
+
+
+def default_layer_loop() -> str:
+    """The faster decode layer loop for this backend (measured, benchmarks/engine_ragged.py):
+    "unrolled" on CPU, where a dynamic slice of the stacked cache is copied before the
+    attention dot; "scan" elsewhere."""
+    return "unrolled" if jax.default_backend() == "cpu" else "scan"
+
+
+@dataclasses.dataclass
+class Request:
+    """One sequence to generate.
+
+    ids: prompt token ids; index: the input index (PRNG key and steering row);
+    max_new_tokens / min_new_tokens: its own limits; temperature (0 = greedy), top_k
+    (0 = off), top_p (1.0 = off).
+    """
+
+    ids: Sequence[int]
+    index: int
+    max_new_tokens: int
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+# ----------------------------------------------------------------------------- sampling
+def pick_rows(logits, keys, step, temperature, top_k, top_p, min_new, spec: EngineSpec):
+    """Next tokens [B] from logits [B, V], every sampling parameter per row ([B]).
+    The same computation as `generate._pick` row by row (same keys, same filters)."""
+    logits = logits.astype(jnp.float32)
+    if spec.eos_ids:
+        eos = jnp.isin(jnp.arange(logits.shape[-1]), jnp.asarray(spec.eos_ids))
+        logits = jnp.where((step < min_new)[:, None] & eos[None], jnp.finfo(jnp.float32).min, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if spec.greedy:
+        return greedy
+    filt = _filter_logits(logits, temperature[:, None], top_k, top_p,
+                          dataclasses.replace(_FILTER, use_top_k=spec.use_top_k, use_top_p=spec.use_top_p))
+    step_keys = jax.vmap(jax.random.fold_in)(keys, step)
+    sampled = jax.vmap(jax.random.categorical)(step_keys, filt).astype(jnp.int32)
+    return jnp.where(temperature == 0, greedy, sampled)
+
+
+def _filter_params():
+    from persona_jax.runtime.generate import SamplingParams
+    return SamplingParams(1, False, False, False, (), 0)
+
+
+_FILTER = _filter_params()
+
+
+# ----------------------------------------------------------------------------- state
+# slot axis of each state entry (the axis split over the mesh's data axis)
+def _slot_axis(path) -> int:
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names[0] == "cache":
+        return 1 if names[1] in ("k", "v") else 0  # stacked [L, S, ...] or per layer [S, ...]
+    if names[-1] in ("add_coef", "abl_coef"):
+        return 2
+    if names[-1] in ("add_vec", "abl_dir"):
+        return -1  # shared, replicated
+    if names[0] == "dpos":
+        return 1
+    return 0
+
+
+def _state_specs(state, mesh):
+    def spec(path, x):
+        ax = _slot_axis(path)
+        if mesh is None or ax < 0 or x.ndim == 0:
+            return P()
+        s = [None] * x.ndim
+        s[ax] = "data"
+        return P(*s)
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_template=None, mesh=None):
+    """An empty engine state (every slot done): a dict of arrays, slots on the data axis.
+
+    steer_template: `steering_arrays(...)` for `spec.slots` rows (vectors and zero
+    coefficients) or None; dpos_template: decode position masks [K, slots, 1] or None.
+    """
+    s, c = spec.slots, spec.cache_len
+
+    def make():
+        cache = empty_cache(config, s, c, dtype)
+        if spec.layer_loop == "unrolled":
+            cache = [{"k": cache["k"][l], "v": cache["v"][l]} for l in range(config.num_layers)]
+        return {
+            "cache": cache,
+            "t": jnp.zeros((), jnp.int32),  # decode steps so far: step t writes column t % cache_len
+            "kv_valid": jnp.zeros((s, c), bool),
+            "kv_pos": jnp.zeros((s, c), jnp.int32),
+            "n_prompt": jnp.zeros((s,), jnp.int32),
+            "n": jnp.zeros((s,), jnp.int32),  # tokens generated so far
+            "last": jnp.full((s,), spec.pad_id, jnp.int32),
+            "done": jnp.ones((s,), bool),
+            "out": jnp.full((s, spec.max_new), spec.pad_id, jnp.int32),
+            "keys": jnp.zeros((s, 2), jnp.uint32),
+            "temperature": jnp.ones((s,), jnp.float32),
+            "top_k": jnp.zeros((s,), jnp.int32),
+            "top_p": jnp.ones((s,), jnp.float32),
+            "min_new": jnp.ones((s,), jnp.int32),
+            "max_new": jnp.ones((s,), jnp.int32),
+            "steer": jax.tree.map(jnp.asarray, steer_template),
+            "dpos": jax.tree.map(jnp.asarray, dpos_template),
+        }
+
+    templates = (steer_template or {}, dpos_template or {})
+    key = (config, spec, jnp.dtype(dtype).name, mesh, jax.tree.structure(templates),
+           tuple((np.shape(x), np.asarray(x).dtype.name) for x in jax.tree.leaves(templates)))
+    if key not in _INIT_CACHE:
+        def maker(templates):
+            nonlocal steer_template, dpos_template
+            steer_template, dpos_template = templates
+            return make()
+        if mesh is None:
+            _INIT_CACHE[key] = jax.jit(maker)
+        else:
+            shapes = jax.eval_shape(maker, templates)
+            shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), _state_specs(shapes, mesh))
+            _INIT_CACHE[key] = jax.jit(maker, out_shardings=shardings)
+    return _INIT_CACHE[key](templates)
+
+
+_INIT_CACHE: dict = {}
+
+
+def state_bytes(state) -> dict:
+    """Bytes held by the engine state: {"kv": the KV cache, "other": the rest}."""
+    kv = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
+    return {"kv": kv, "other": sum(x.nbytes for x in jax.tree.leaves(state)) - kv}
+
+
+# ----------------------------------------------------------------------------- decode
+def _layer_rows(interventions, num_layers: int) -> dict:
+    """The blocks' `interventions` collections stacked [L, ...] (scan inputs): row l + 1
+    of the hidden site, row l of attn / mlp (what `apply.layer_variables(l)` gives)."""
+    rows, _ = apply.split_sites(interventions, None)
+    out = {}
+    for name, arrays in rows.items():
+        r = {k: (v[1:] if name == "hidden" else v)[:num_layers] for k, v in arrays.items()}
+        path = {"hidden": (), "attn": ("self_attn",), "mlp": ("mlp",)}[name]
+        out = sites.merge(out, Layout(((path, None),)).place(name, {k: v[None] for k, v in r.items()}))
+    return out
+
+
+def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled"):
+    """One decode call of every slot, the weights read from the stacked params (no copy of
+    the model: a layer's weights are sliced inside the step, one layer at a time).
+
+    tokens: [B, 1]; ctx: `make_ctx` with `cache_index` (the column every row writes) plus
+    decode position masks; interventions: [L+1, ...] arrays with per-row coefficients, or None.
+    layer_loop "unrolled": cache is a list of per-layer {k: [B, KV, hd, S], v: [B, KV, S, hd]}
+      and the blocks are unrolled (compile time grows with depth, as the static path's);
+    layer_loop "scan": cache is the stacked {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]},
+      carried whole through a `lax.scan` over the layers, each writing its new column in
+      place (no cache through scan inputs / outputs).
+    Returns (logits [B, V] float32 of the new position, the updated cache).
+    """
+    c = config
+    dtype = params["embed_tokens"]["embedding"].dtype
+    _, calls = apply.split_sites(interventions, ctx)
+
+    def variables(p, row):
+        return {"params": p, "interventions": row} if row else {"params": p}
+
+    with iv.active(apply.SITES, None, calls):
+        h = Embedding(c, dtype).apply(variables(params["embed_tokens"], apply.embed_variables(interventions)),
+                                      tokens, ctx)
+        if layer_loop == "unrolled":
+            new_cache = []
+            for l in range(c.num_layers):
+                lp = jax.tree.map(lambda x: x[l], params["layers"])
+                layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32),
+                            "cache": {**cache[l], "ring": True}}
+                h, nc = Block(c, dtype).apply(variables(lp, apply.layer_variables(interventions, l)), h,
+                                              layer_in, ctx)
+                new_cache.append({"k": nc["k"], "v": nc["v"]})
+        else:
+            def body(carry, xs):
+                h, k, v = carry
+                lp, row, window, l = xs
+                layer_in = {"window": window, "cache": {"k": k, "v": v, "layer": l, "ring": True}}
+                h, nc = Block(c, dtype).apply(variables(lp, row), h, layer_in, ctx)
+                return (h, nc["k"], nc["v"]), None
+
+            xs = (params["layers"], _layer_rows(interventions, c.num_layers),
+                  jnp.asarray(c.layer_windows, jnp.int32), jnp.arange(c.num_layers, dtype=jnp.int32))
+            (h, k, v), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
+            new_cache = {"k": k, "v": v}
+    h = norm(c, dtype).apply({"params": params["norm"]}, h[:, -1])
+    return lm_logits(c, h, head_kernel(c, params)), new_cache
+
+
+def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
+    s = spec.slots
+    rows = jnp.arange(s)
+    eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,))
+
+    def cond(carry):
+        i, st = carry
+        return (i < chunk) & (jnp.sum(st["done"]) < stop_at)
+
+    def body(carry):
+        i, st = carry
+        st = dict(st)
+        live = ~st["done"]
+        col = st["t"] % spec.cache_len  # every row writes `last`, the token fed now, here
+        pos = st["n_prompt"] + st["n"] - 1
+        kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], live[:, None], (0, col))
+        kv_pos = jax.lax.dynamic_update_slice(st["kv_pos"], pos[:, None], (0, col))
+        ctx = apply.make_ctx(jnp.ones((s, 1), jnp.int32), positions=pos[:, None],
+                             cache_index=col, kv_valid=kv_valid, kv_pos=kv_pos)
+        ctx.update(st["dpos"])
+        logits, cache = decode_logits(config, params, st["last"][:, None], ctx, st["cache"],
+                                      st["steer"] or None, spec.layer_loop)
+        nxt = pick_rows(logits, st["keys"], st["n"], st["temperature"], st["top_k"], st["top_p"],
+                        st["min_new"], spec)
+        nxt = jnp.where(live, nxt, spec.pad_id)
+        st["out"] = st["out"].at[rows, jnp.where(live, st["n"], spec.max_new)].set(nxt, mode="drop")
+        n = st["n"] + live.astype(jnp.int32)
+        st.update(cache=cache, kv_valid=kv_valid, kv_pos=kv_pos, t=st["t"] + 1, n=n, last=jnp.where(live, nxt, st["last"]),
+                  done=st["done"] | jnp.isin(nxt, eos) | (n >= st["max_new"]))
+        return i + 1, st
+
+    return jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec", "chunk"), donate_argnames=("state",))
+def decode(config, params, state, stop_at, *, spec: EngineSpec, chunk: int):
+    """Up to `chunk` decode steps of every slot, on device; returns early once at least
+    `stop_at` slots are done. Returns the new state (the old one is donated)."""
+    return sh.auto_axes_call(lambda p, st, a: _decode(config, spec, chunk, p, st, a),
+                             (params, state, stop_at), lambda: _state_specs(state, _mesh_of(state)))
+
+
+def _mesh_of(state):
+    return sh.explicit_mesh(state)
+
+
+# ----------------------------------------------------------------------------- insert
+def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k,
+            top_p, min_new, max_new, steer, prefill_pos, dpos):
+    b, p = tokens.shape
+    keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(index)  # as the static path keys its rows
+    dtype = params["embed_tokens"]["embedding"].dtype
+    ctx, n_prompt, _ = apply.prefill_ctx(mask, p)
+    ctx.update(prefill_pos or {})
+    logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=steer or None,
+                                           cache=empty_cache(config, b, p, dtype), logits="last")
+    first = pick_rows(logits[:, -1], keys, jnp.zeros((b,), jnp.int32), temperature, top_k, top_p, min_new, spec)
+    # the prompt takes the p columns before the write head (the ring wraps), so the
+    # slot's next decode step writes column t % cache_len right after it
+    cols = (state["t"] - p + jnp.arange(p)) % spec.cache_len
+    eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,))
+    st = dict(state)
+    put = lambda x, v: x.at[slot_ids].set(v, mode="drop")  # noqa: E731
+    rows2, cols2 = slot_ids[:, None], cols[None, :]
+
+    def put_cols(x, upd, slot_ax, col_ax):  # x[.., slot, .., col, ..] = upd (rows x prompt columns)
+        idx = [slice(None)] * x.ndim
+        idx[slot_ax], idx[col_ax] = rows2, cols2
+        return x.at[tuple(idx)].set(jnp.moveaxis(upd, (slot_ax, col_ax), (0, 1)), mode="drop")
+
+    if spec.layer_loop == "unrolled":
+        st["cache"] = [{"k": put_cols(st["cache"][l]["k"], cache["k"][l], 0, 3),
+                        "v": put_cols(st["cache"][l]["v"], cache["v"][l], 0, 2)} for l in range(config.num_layers)]
+    else:
+        st["cache"] = {"k": put_cols(st["cache"]["k"], cache["k"], 1, 4),
+                       "v": put_cols(st["cache"]["v"], cache["v"], 1, 3)}
+    kv_valid = jnp.zeros((b, spec.cache_len), bool).at[:, cols].set(mask.astype(bool))
+    kv_pos = jnp.zeros((b, spec.cache_len), jnp.int32).at[:, cols].set(ctx["positions"])
+    out = jnp.full((b, spec.max_new), spec.pad_id, jnp.int32).at[:, 0].set(first)
+    st.update(kv_valid=put(st["kv_valid"], kv_valid), kv_pos=put(st["kv_pos"], kv_pos),
+              n_prompt=put(st["n_prompt"], n_prompt),
+              n=put(st["n"], jnp.ones((b,), jnp.int32)), last=put(st["last"], first),
+              done=put(st["done"], jnp.isin(first, eos) | (max_new <= 1)), out=put(st["out"], out),
+              keys=put(st["keys"], keys), temperature=put(st["temperature"], temperature),
+              top_k=put(st["top_k"], top_k), top_p=put(st["top_p"], top_p), min_new=put(st["min_new"], min_new),
+              max_new=put(st["max_new"], max_new))
+
+    def put_coef(path, x, v):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return x.at[:, :, slot_ids].set(v, mode="drop") if name.endswith("_coef") else x
+    st["steer"] = jax.tree_util.tree_map_with_path(put_coef, st["steer"], steer or {})
+    st["dpos"] = jax.tree.map(lambda x, v: x.at[:, slot_ids].set(v, mode="drop"), st["dpos"], dpos or {})
+    return st
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
+def insert(config, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new,
+           max_new, steer=None, prefill_pos=None, dpos=None, *, spec: EngineSpec):
+    """Prefill a batch of requests and write them into the slots `slot_ids` [B] (an id
+    >= spec.slots marks a padding row, dropped). tokens, mask: [B, P] left-padded;
+    index [B]: input indices, whose keys are fold_in(base_key, index); temperature, top_k, top_p, min_new, max_new: [B]; steer: intervention
+    arrays for these rows (coefficients [L+1, K, B]); prefill_pos / dpos: position masks
+    [K, B, P] / [K, B, 1]. Returns the new state (the old one is donated)."""
+    return sh.auto_axes_call(
+        lambda *a: _insert(config, spec, *a),
+        (params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new, max_new,
+         steer, prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
+
+
+# ----------------------------------------------------------------------------- compaction
+def _compact(state, keep):
+    out = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if x.ndim == 0 or _slot_axis(path) < 0 else jnp.take(x, keep, axis=_slot_axis(path)), state)
+    return out
+
+
+@jax.jit
+def compact(state, keep):
+    """The state of the slots `keep` [S'] only, in that order (a smaller pool: when the
+    queue is empty and most slots are done, the remaining rows decode in fewer slots; a
+    step's cost on CPU scales with the slot count)."""
+    return sh.auto_axes_call(lambda st, k: _compact(st, k), (state, keep),
+                             lambda: _state_specs(state, _mesh_of(state)))
+
+
+# ----------------------------------------------------------------------------- host loop
+class Engine:
+    """A pool of `spec.slots` decode slots over one model's params.
+
+    steering: (steer_fn, prefill_fn, decode_fn) building, for a list of input indices,
+    the intervention arrays (per-row coefficients), the prefill position masks (given the
+    [B, P] mask) and the decode masks; None for no steering.
+    """
+
+    def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
+                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125, shrink: bool = True):
+        self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
+        self.base_key = jax.random.PRNGKey(seed)
+        self.steering = steering
+        self.multiple = batching.batch_multiple(mesh)
+        self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
+        self.chunk, self.refill_fraction, self.shrink = chunk, refill_fraction, shrink
+        dtype = params["embed_tokens"]["embedding"].dtype
+        steer = dpos = None
+        if steering is not None:
+            empty = np.full(spec.slots, -1)
+            steer = steering[0](empty)
+            dpos = steering[2](empty)
+        self.full_spec, self._init = spec, (config, dtype, steer, dpos, mesh)
+        self.state = init_state(config, spec, dtype, steer, dpos, mesh)
+        self.stats = {"decode_calls": 0, "insert_calls": 0}
+
+    def _insert(self, reqs: list[Request], slot_ids: list[int]):
+        spec = self.spec
+        b = min(self.prefill_batch, 1 << (len(reqs) - 1).bit_length())
+        b = batching.grow_batch(b, self.multiple)
+        rows = np.full(b, -1)
+        rows[: len(reqs)] = [r.index for r in reqs]
+        ids = [list(r.ids) for r in reqs] + [[spec.pad_id]] * (b - len(reqs))
+        p = batching.bucket(max(len(s) for s in ids))
+        tokens, mask = batching.pad_rows(ids, p, spec.pad_id, left=True)
+        pad = b - len(reqs)
+
+        def col(f, dtype, fill):
+            return np.asarray([f(r) for r in reqs] + [fill] * pad, dtype)
+        slots = np.asarray(list(slot_ids) + [spec.slots] * pad, np.int32)
+        steer = prefill_pos = dpos = None
+        if self.steering is not None:
+            steer = self.steering[0](rows)
+            prefill_pos = self.steering[1](rows, mask)
+            dpos = self.steering[2](rows)
+        arrays = [tokens, mask, slots, np.maximum(rows, 0).astype(np.int32), col(lambda r: r.temperature, np.float32, 1.0),
+                  col(lambda r: r.top_k, np.int32, 0), col(lambda r: r.top_p, np.float32, 1.0),
+                  col(lambda r: r.min_new_tokens, np.int32, 1), col(lambda r: r.max_new_tokens, np.int32, 1)]
+        placed = batching.place(self.mesh, *arrays)
+        if steer is not None:
+            steer = jax.tree_util.tree_map_with_path(
+                lambda path, x: batching.place(self.mesh, x, batch_axis=2)
+                if str(getattr(path[-1], "key", "")).endswith("_coef") else jnp.asarray(x), steer)
+            prefill_pos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), prefill_pos)
+            dpos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), dpos)
+        self.state = insert(self.config, self.params, self.state, *placed[:4], self.base_key, *placed[4:], steer,
+                            prefill_pos, dpos, spec=spec)
+        self.stats["insert_calls"] += 1
+
+    def _maybe_shrink(self, owner, busy):
+        """Move the busy slots into a pool of half the size or less (a power of two times
+        the mesh's data axis) once the queue is empty and at most half the slots are busy."""
+        size = self.spec.slots
+        new = batching.grow_batch(1 << (busy - 1).bit_length(), self.multiple)
+        if new > size // 2 or new < 1:
+            return owner
+        keep = [s for s in range(size) if owner[s] is not None]
+        keep += [s for s in range(size) if owner[s] is None][: new - len(keep)]
+        self.state = compact(self.state, batching.place(None, np.asarray(keep, np.int32)))
+        self.spec = dataclasses.replace(self.spec, slots=new)
+        self.stats["shrinks"] = self.stats.get("shrinks", 0) + 1
+        return [owner[s] for s in keep]
+
+    def run(self, requests: Sequence[Request], progress=None) -> dict[int, list[int]]:
+        """Generate every request; returns {request.index: new token ids (EOS included
+        when emitted)}. Requests are admitted in the given order."""
+        if self.spec != self.full_spec:  # the previous run shrank the pool
+            self.spec = self.full_spec
+            config, dtype, steer, dpos, mesh = self._init
+            self.state = init_state(config, self.spec, dtype, steer, dpos, mesh)
+        spec = self.spec
+        for r in requests:
+            if r.max_new_tokens > spec.max_new:
+                raise ValueError(f"request {r.index}: max_new_tokens {r.max_new_tokens} > engine max {spec.max_new}")
+        waiting = list(requests)[::-1]  # pop() from the end = arrival order
+        owner: list[Request | None] = [None] * spec.slots
+        results: dict[int, list[int]] = {}
+        while waiting or any(o is not None for o in owner):
+            free = [s for s in range(spec.slots) if owner[s] is None]
+            while waiting and free:
+                batch, slots = [], []
+                while waiting and free and len(batch) < self.prefill_batch:
+                    batch.append(waiting.pop())
+                    slots.append(free.pop(0))
+                for s, r in zip(slots, batch):
+                    owner[s] = r
+                self._insert(batch, slots)
+            busy = sum(o is not None for o in owner)
+            if not waiting and self.shrink and busy:
+                owner = self._maybe_shrink(owner, busy)
+                spec = self.spec
+            if waiting:  # come back when a few slots can take waiting requests
+                want = min(len(waiting), max(1, int(spec.slots * self.refill_fraction)))
+                stop_at = spec.slots - busy + want
+            else:
+                stop_at = spec.slots
+            self.state = decode(self.config, self.params, self.state, jnp.int32(stop_at), spec=spec,
+                                chunk=self.chunk)
+            self.stats["decode_calls"] += 1
+            done = batching.to_host(self.state["done"])
+            finished = [s for s in range(spec.slots) if owner[s] is not None and done[s]]
+            if finished:
+                n = batching.to_host(self.state["n"])
+                out = batching.to_host(self.state["out"])
+                for s in finished:
+                    results[owner[s].index] = out[s, : n[s]].tolist()
+                    owner[s] = None
+                    if progress is not None:
+                        progress.update(1)
+        return results
+
+
+def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
+                    batch_size, progress=False, layer_loop: str | None = None, chunk: int = 8,
+                    prefill_batch: int = 8) -> list[list[int]]:
+    """`generate`'s engine path: token ids per input (new tokens, EOS included when
+    emitted). ids: prompt token ids per input; limits: max_new_tokens per input."""
+    from tqdm.auto import tqdm
+    from persona_jax.steering.spec import position_masks, steering_arrays
+
+    n = len(ids)
+    multiple = batching.batch_multiple(model.mesh)
+    slots = batching.grow_batch(min(batch_size, n), multiple)
+    max_new = -(-max(limits) // 16) * 16
+    spec = EngineSpec(slots=slots, cache_len=batching.bucket(max(map(len, ids))) + max_new, max_new=max_new,
+                      greedy=temperature == 0, use_top_k=top_k is not None, use_top_p=top_p < 1.0,
+                      eos_ids=model.eos_token_ids, pad_id=model.pad_token_id,
+                      layer_loop=layer_loop or default_layer_loop())
+    steering = None
+    if steerings:
+        L, D = model.num_layers, model.hidden_size
+        steering = (lambda rows: steering_arrays(steerings, L, D, rows, len(rows), site_rows),
+                    lambda rows, mask: position_masks(steerings, "prefill", mask),
+                    lambda rows: position_masks(steerings, "decode", np.ones((len(rows), 1), np.int32)))
+    eng = Engine(model.config, model.params, spec, model.mesh, seed=seed, steering=steering,
+                 prefill_batch=min(slots, prefill_batch), chunk=chunk)
+    reqs = [Request(ids[i], i, limits[i], min_new_tokens, float(temperature), int(top_k or 0), float(top_p))
+            for i in range(n)]
+    with tqdm(total=n, desc="generate", disable=not progress) as bar:
+        out = eng.run(reqs, progress=bar)
+    return [out[i] for i in range(n)]
