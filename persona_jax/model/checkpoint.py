@@ -31,9 +31,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class Model:
     """A loaded decoder: architecture, (sharded) params, tokenizer, mesh.
 
-    scan_decode: `generate` decodes with the scanned decoder, which holds the weights
-    once, instead of per-layer buffers (a second copy of the block weights while it runs;
-    2.3x faster on an H200 at 7B, see benchmarks/README.md). Set it when memory is short.
+    scan_decode: only for longrope checkpoints that `generate` keeps on static batches
+    (`generate_arrays`): decode with the scanned decoder, which holds the weights once,
+    instead of per-layer buffers. The continuous-batching engine, which runs every other
+    generation, always holds them once.
     """
 
     config: DecoderConfig
