@@ -91,6 +91,12 @@ def test_readme_block_names_every_runner_and_has_a_budget():
     assert set(runners) <= set(BUDGET), "a README command without a budget entry here"
 
 
+# gemma2's 8-token windows hide the system prompt from 2 of its 3 layers: one sampled pair
+# differs, but 60% of its pos and neg replies came out identical and no pair passed the
+# judge's filter, so it starts with a window that sees the prompt
+WIDE_WINDOW_FIRST = ("gemma2",)
+
+
 def _lively_checkpoint(directory: Path, family: str):
     """A tiny byte-level checkpoint whose sampled replies are non-empty and depend on the
     system prompt, so extraction keeps pairs. initializer_range 1: at the HF default 0.02 the
@@ -102,7 +108,10 @@ def _lively_checkpoint(directory: Path, family: str):
     systems = ["You are an evil assistant. Be cruel.", "You are a helpful assistant. Be kind."]
     # a sliding window of a few tokens (the families' test default) can hide the system
     # prompt from every later position; then a window that covers the prompt
-    for extra in ({}, {"tie_word_embeddings": False}, {"tie_word_embeddings": False, "sliding_window": 512}):
+    candidates = [{}, {"tie_word_embeddings": False}, {"tie_word_embeddings": False, "sliding_window": 512}]
+    if family in WIDE_WINDOW_FIRST:
+        candidates = candidates[2:] + candidates[:2]
+    for extra in candidates:
         model = testing.tiny_byte_checkpoint(str(directory), family, seed=3, initializer_range=1.0, **extra)
         replies = []
         for system in systems:
