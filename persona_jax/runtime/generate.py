@@ -345,12 +345,25 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
     c = model.config
     longrope = (c.rope_type == "longrope" and batching.bucket(max(map(len, ids))) + max_new_tokens
                 > c.rope_original_max_position)
-    if not longrope:
+    if longrope:
+        new_tokens = static_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings,
+                                   site_rows, batch_size, progress)
+    else:
         from persona_jax.runtime import engine
         new_tokens = engine.generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed,
                                             steerings, site_rows, batch_size, progress)
-        texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
-        return Generation(texts=texts, tokens=new_tokens, prompts=prompts) if return_tokens else texts
+    texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
+    if return_tokens:
+        return Generation(texts=texts, tokens=new_tokens, prompts=prompts)
+    return texts
+
+
+def static_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
+                  batch_size, progress=False) -> list[list[int]]:
+    """New tokens per input from static batches (`generate_arrays`): inputs sorted by
+    prompt length, each batch decodes until every row is done or the largest limit, and
+    each row is cut at its own limit. The longrope path of `generate`."""
+    max_new_tokens = max(limits)
     sp = SamplingParams(max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
                         use_top_k=top_k is not None, use_top_p=top_p < 1.0,
                         eos_ids=model.eos_token_ids, pad_id=model.pad_token_id)
@@ -377,7 +390,4 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
         out, lengths = batching.to_host(out), batching.to_host(lengths)
         for j, r in enumerate(rows):
             new_tokens[r] = out[j, : min(lengths[j], limits[r])].tolist()
-    texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
-    if return_tokens:
-        return Generation(texts=texts, tokens=new_tokens, prompts=prompts)
-    return texts
+    return new_tokens
