@@ -9,6 +9,7 @@ q/k/v and gate/up (Phi-3, `qkv_proj` / `gate_up_proj`):
 """
 import copy
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -45,15 +46,10 @@ def _close(ours, ref):
 def _random_lora(model, cfg, seed):
     """An adapter with nonzero A and B for every target, at a size that moves the logits."""
     rng = np.random.default_rng(seed)
-    lora = flora.init(cfg, model.params, jax_key(seed))
+    lora = flora.init(cfg, model.params, jax.random.PRNGKey(seed))
     return {sub: {n: {"A": rng.standard_normal(ab["A"].shape).astype(np.float32) * 0.3,
                       "B": rng.standard_normal(ab["B"].shape).astype(np.float32) * 0.3}
                   for n, ab in mods.items()} for sub, mods in lora.items()}
-
-
-def jax_key(seed):
-    import jax
-    return jax.random.PRNGKey(seed)
 
 
 @pytest.mark.parametrize("rslora,targets", [(True, "all"), (False, ("q_proj", "v_proj", "up_proj", "o_proj"))])

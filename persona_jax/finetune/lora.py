@@ -165,10 +165,6 @@ def _module_alpha(cfg: dict, module: str) -> float:
     return float(cfg.get("lora_alpha", 8))  # PEFT's default
 
 
-def _scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
-
-
 def _fused_groups(config) -> dict[str, list[tuple[str, int, int]]]:
     """{fused projection: [(our projection, row offset, rows)] in row order}, empty for
     families whose checkpoints keep q/k/v and gate/up apart."""
@@ -280,7 +276,8 @@ def load_adapter(directory: str, config=None) -> tuple[dict, LoraConfig]:
         a = np.stack([np.asarray(f[layers[i]["A"]], np.float32).T for i in idx])  # [L, in, r]
         b = np.stack([np.asarray(f[layers[i]["B"]], np.float32).T for i in idx])  # [L, r, out]
         rank = a.shape[-1]
-        b = b * (_scale(_module_alpha(cfg, module), rank, rslora) / lora_config.scale)
+        module_scale = LoraConfig(rank=rank, alpha=_module_alpha(cfg, module), rslora=rslora).scale
+        b = b * (module_scale / lora_config.scale)
         for name, start, size in groups.get(module, [(module, 0, b.shape[-1])]):
             out.setdefault(TARGETS[name], {})[name] = {"A": jnp.asarray(a),
                                                        "B": jnp.asarray(b[..., start:start + size])}
