@@ -16,7 +16,9 @@ interleaved rounds (other processes share the cores; the spread is printed):
 * the refill interval k (`chunk`): the ragged efficiency at a few values.
 * decode step, old vs new, batch 16 on 80-160-token prompts: (t(96 new) - t(32 new)) / 64
   per step for the static path's per-layer buffers (`generate_arrays`) and for the engine
-  (unrolled and scanned layer loops); the fixed cost per call is t(32) - 32 * step.
+  (unrolled over per-layer views of the stacked weights, the default on CPU; unrolled
+  slicing the stacked weights inside the program; scanned); the fixed cost per call is
+  t(32) - 32 * step.
 * memory: the compiled programs' temporary bytes (XLA memory analysis) of the static
   decode (its per-layer weight copies) and of the engine's decode and insert, against the
   weights and the KV cache; and the KV arithmetic of 256 slots x 1,100 tokens at 7B bf16.
@@ -161,18 +163,19 @@ def decode_step(model, args, out):
                                jnp.float32(1), jnp.int32(1), sp=sp, cache_len=p + -(-n // 16) * 16)
         return np.asarray(o).size
 
-    def new(n, loop):
+    def new(n, loop, views=True):
         return engine.generate_tokens(model, ids, [n] * b, 0.0, 1.0, None, n, 0, [], {}, b, layer_loop=loop,
-                                      prefill_batch=b, chunk=128)
+                                      prefill_batch=b, chunk=128, weight_views=views)
 
     short, long = 32, 96
     fns = {"old_32": lambda: old(short), "old_96": lambda: old(long)}
-    for loop in ("unrolled", "scan"):
-        fns[f"{loop}_32"] = lambda loop=loop: new(short, loop)
-        fns[f"{loop}_96"] = lambda loop=loop: new(long, loop)
+    variants = {"unrolled": ("unrolled", True), "unrolled_sliced": ("unrolled", False), "scan": ("scan", False)}
+    for name, (loop, views) in variants.items():
+        fns[f"{name}_32"] = lambda loop=loop, views=views: new(short, loop, views)
+        fns[f"{name}_96"] = lambda loop=loop, views=views: new(long, loop, views)
     r = timed(fns, args.repeats)
     res = {}
-    for side in ("old", "unrolled", "scan"):
+    for side in ("old", *variants):
         step = (r[f"{side}_96"][0] - r[f"{side}_32"][0]) / (long - short)
         res[side] = dict(step_ms=step * 1e3, fixed_s=r[f"{side}_32"][0] - short * step)
     res["new_over_old_step"] = res["unrolled"]["step_ms"] / res["old"]["step_ms"]
@@ -198,20 +201,23 @@ def memory(model, args, out):
                                 jnp.int32(1), sp=sp, cache_len=p + n).compile().memory_analysis()
     res = {"weights_bytes": weights, "block_weights_bytes": layer_weights}
     res["static_temp_bytes"] = old.temp_size_in_bytes
-    for loop in ("unrolled", "scan"):
+    from persona_jax.model.layer_views import layer_views
+    views = {**model.params, "layers": layer_views(model.params["layers"], c.num_layers).layers}
+    for name, loop, dparams in (("unrolled", "unrolled", views), ("unrolled_sliced", "unrolled", model.params),
+                                ("scan", "scan", model.params)):
         spec = engine.EngineSpec(slots=b, cache_len=p + n, max_new=n, greedy=False, use_top_k=False, use_top_p=False,
                                  eos_ids=(2,), pad_id=0, layer_loop=loop)
         state = engine.init_state(c, spec, model.dtype)
         kv = engine.state_bytes(state)
-        dec = engine.decode.lower(c, model.params, state, jnp.int32(b), spec=spec, chunk=32).compile()
-        ins = engine.insert.lower(c, model.params, state, tokens[:8], mask[:8], jnp.arange(8, dtype=jnp.int32),
+        dec = engine.decode.lower(c, dparams, state, jnp.int32(b), spec=spec, chunk=32).compile()
+        ins = engine.insert.lower(c, dparams, state, tokens[:8], mask[:8], jnp.arange(8, dtype=jnp.int32),
                                   jnp.arange(8), jax.random.PRNGKey(0), jnp.ones(8), jnp.zeros(8, jnp.int32), jnp.ones(8), jnp.ones(8, jnp.int32),
                                   jnp.ones(8, jnp.int32), spec=spec).compile()
-        res[loop] = dict(kv_bytes=kv["kv"], state_other_bytes=kv["other"],
+        res[name] = dict(kv_bytes=kv["kv"], state_other_bytes=kv["other"],
                          decode_temp_bytes=dec.memory_analysis().temp_size_in_bytes,
                          insert_temp_bytes=ins.memory_analysis().temp_size_in_bytes)
-        res[loop]["peak_over_weights_plus_kv"] = (weights + kv["kv"] + kv["other"] + max(
-            res[loop]["decode_temp_bytes"], res[loop]["insert_temp_bytes"])) / (weights + kv["kv"])
+        res[name]["peak_over_weights_plus_kv"] = (weights + kv["kv"] + kv["other"] + max(
+            res[name]["decode_temp_bytes"], res[name]["insert_temp_bytes"])) / (weights + kv["kv"])
     res["static_peak_over_weights_plus_kv"] = (weights + res["unrolled"]["kv_bytes"] + old.temp_size_in_bytes) / (
         weights + res["unrolled"]["kv_bytes"])
     out["memory"] = res

@@ -12,10 +12,12 @@ this package's decoder and interventions:
   has requests waiting for them) or every slot is done.
 * the host loop (`Engine.run`) streams finished rows out and refills free slots.
 
-One copy of the weights: a decode step runs the blocks in a `lax.scan` over the stacked
-[L, ...] params (no per-layer copies), with the whole KV cache in the scan carry; each
-block writes only its new token's column (`decoder._slot_cache_update`), so no step
-copies the cache through scan inputs / outputs.
+One copy of the weights: on CPU a decode step takes each layer's weights as arrays that
+alias the stacked [L, ...] params (`model.layer_views`; slicing inside the program would
+copy them), with per-layer KV caches; elsewhere it runs the blocks in a `lax.scan` over
+the stacked params, with the whole KV cache in the scan carry, each block writing only
+its new token's column (`decoder._slot_cache_update`), so no step copies the cache
+through scan inputs / outputs.
 
 Every request carries its own input index (its PRNG key is
 `fold_in(PRNGKey(seed), index)`, then `fold_in(key, step)` per new token, as the static
@@ -40,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from persona_jax.model import sharding as sh
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
+from persona_jax.model.layer_views import layer_views
 from persona_jax.runtime import apply, batching
 from persona_jax.runtime.generate import _filter_logits
 from persona_jax.steering import interceptor as iv
@@ -216,9 +219,12 @@ def _layer_rows(interventions, num_layers: int) -> dict:
     return out
 
 
-def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled"):
+def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled",
+                  ring: bool = True):
     """One decode call of every slot, the weights read from the stacked params (no copy of
-    the model: a layer's weights are sliced inside the step, one layer at a time).
+    the model): params["layers"] is the stacked tree, sliced inside the step one layer at a
+    time, or (layer_loop "unrolled") a list of per-layer trees from `layer_views.layer_views`,
+    which alias the stacked buffers (on CPU a slice inside the program is a copy).
 
     tokens: [B, 1]; ctx: `make_ctx` with `cache_index` (the column every row writes) plus
     decode position masks; interventions: [L+1, ...] arrays with per-row coefficients, or None.
@@ -227,7 +233,9 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
     layer_loop "scan": cache is the stacked {k: [L, B, KV, hd, S], v: [L, B, KV, S, hd]},
       carried whole through a `lax.scan` over the layers, each writing its new column in
       place (no cache through scan inputs / outputs).
-    Returns (logits [B, V] float32 of the new position, the updated cache).
+    ring=False (unrolled only): a plain cache written from `cache_index` on, the engine's
+    prefill over per-layer views (tokens [B, P]).
+    Returns (logits [B, V] float32 of the last position, the updated cache).
     """
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
@@ -240,11 +248,13 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
         h = Embedding(c, dtype).apply(variables(params["embed_tokens"], apply.embed_variables(interventions)),
                                       tokens, ctx)
         if layer_loop == "unrolled":
+            layers = params["layers"]
+            per_layer = isinstance(layers, (list, tuple))  # `layer_views`: no slicing in the program
             new_cache = []
             for l in range(c.num_layers):
-                lp = jax.tree.map(lambda x: x[l], params["layers"])
+                lp = layers[l] if per_layer else jax.tree.map(lambda x: x[l], params["layers"])
                 layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32),
-                            "cache": {**cache[l], "ring": True}}
+                            "cache": {**cache[l], "ring": True} if ring else cache[l]}
                 h, nc = Block(c, dtype).apply(variables(lp, apply.layer_variables(interventions, l)), h,
                                               layer_in, ctx)
                 new_cache.append({"k": nc["k"], "v": nc["v"]})
@@ -318,9 +328,17 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
     dtype = params["embed_tokens"]["embedding"].dtype
     ctx, n_prompt, _ = apply.prefill_ctx(mask, p)
     ctx.update(prefill_pos or {})
-    logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=steer or None,
-                                           cache=empty_cache(config, b, p, dtype), logits="last")
-    first = pick_rows(logits[:, -1], keys, jnp.zeros((b,), jnp.int32), temperature, top_k, top_p, min_new, spec)
+    empty = empty_cache(config, b, p, dtype)
+    if isinstance(params["layers"], (list, tuple)):  # per-layer views (CPU): no weight slice copies
+        last, per_layer = decode_logits(config, params, tokens, ctx,
+                                        [{"k": empty["k"][l], "v": empty["v"][l]} for l in range(config.num_layers)],
+                                        steer or None, "unrolled", ring=False)
+        cache = {"k": [x["k"] for x in per_layer], "v": [x["v"] for x in per_layer]}
+    else:
+        logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=steer or None,
+                                               cache=empty, logits="last")
+        last = logits[:, -1]
+    first = pick_rows(last, keys, jnp.zeros((b,), jnp.int32), temperature, top_k, top_p, min_new, spec)
     # the prompt takes the p columns before the write head (the ring wraps), so the
     # slot's next decode step writes column t % cache_len right after it
     cols = (state["t"] - p + jnp.arange(p)) % spec.cache_len
@@ -363,7 +381,9 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
 def insert(config, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new,
            max_new, steer=None, prefill_pos=None, dpos=None, *, spec: EngineSpec):
     """Prefill a batch of requests and write them into the slots `slot_ids` [B] (an id
-    >= spec.slots marks a padding row, dropped). tokens, mask: [B, P] left-padded;
+    >= spec.slots marks a padding row, dropped). params: the model's, or with
+    params["layers"] a list of per-layer views (`layer_views`; the prefill then runs the
+    blocks unrolled over them). tokens, mask: [B, P] left-padded;
     index [B]: input indices, whose keys are fold_in(base_key, index); temperature, top_k, top_p, min_new, max_new: [B]; steer: intervention
     arrays for these rows (coefficients [L+1, K, B]); prefill_pos / dpos: position masks
     [K, B, P] / [K, B, 1]. Returns the new state (the old one is donated)."""
@@ -399,7 +419,8 @@ class Engine:
     """
 
     def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
-                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125, shrink: bool = True):
+                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125, shrink: bool = True,
+                 weight_views: bool = True):
         self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
         self.base_key = jax.random.PRNGKey(seed)
         self.steering = steering
@@ -413,8 +434,14 @@ class Engine:
             steer = steering[0](empty)
             dpos = steering[2](empty)
         self.full_spec, self._init = spec, (config, dtype, steer, dpos, mesh)
+        # decode reads per-layer views of the stacked weights where the backend allows (CPU)
+        views = None
+        if weight_views and spec.layer_loop == "unrolled":
+            views = layer_views(params["layers"], config.num_layers)
+        self.decode_params = params if views is None else {**params, "layers": views.layers}
         self.state = init_state(config, spec, dtype, steer, dpos, mesh)
-        self.stats = {"decode_calls": 0, "insert_calls": 0}
+        self.stats = {"decode_calls": 0, "insert_calls": 0, "layer_views": views is not None,
+                      "copied_weight_bytes": 0 if views is None else views.copied_bytes}
 
     def _insert(self, reqs: list[Request], slot_ids: list[int]):
         spec = self.spec
@@ -445,7 +472,7 @@ class Engine:
                 if str(getattr(path[-1], "key", "")).endswith("_coef") else jnp.asarray(x), steer)
             prefill_pos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), prefill_pos)
             dpos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), dpos)
-        self.state = insert(self.config, self.params, self.state, *placed[:4], self.base_key, *placed[4:], steer,
+        self.state = insert(self.config, self.decode_params, self.state, *placed[:4], self.base_key, *placed[4:], steer,
                             prefill_pos, dpos, spec=spec)
         self.stats["insert_calls"] += 1
 
@@ -496,7 +523,7 @@ class Engine:
                 stop_at = spec.slots - busy + want
             else:
                 stop_at = spec.slots
-            self.state = decode(self.config, self.params, self.state, jnp.int32(stop_at), spec=spec,
+            self.state = decode(self.config, self.decode_params, self.state, jnp.int32(stop_at), spec=spec,
                                 chunk=self.chunk)
             self.stats["decode_calls"] += 1
             done = batching.to_host(self.state["done"])
@@ -514,7 +541,7 @@ class Engine:
 
 def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
                     batch_size, progress=False, layer_loop: str | None = None, chunk: int = 8,
-                    prefill_batch: int = 8) -> list[list[int]]:
+                    prefill_batch: int = 8, weight_views: bool = True) -> list[list[int]]:
     """`generate`'s engine path: token ids per input (new tokens, EOS included when
     emitted). ids: prompt token ids per input; limits: max_new_tokens per input."""
     from tqdm.auto import tqdm
@@ -535,7 +562,7 @@ def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_token
                     lambda rows, mask: position_masks(steerings, "prefill", mask),
                     lambda rows: position_masks(steerings, "decode", np.ones((len(rows), 1), np.int32)))
     eng = Engine(model.config, model.params, spec, model.mesh, seed=seed, steering=steering,
-                 prefill_batch=min(slots, prefill_batch), chunk=chunk)
+                 prefill_batch=min(slots, prefill_batch), chunk=chunk, weight_views=weight_views)
     reqs = [Request(ids[i], i, limits[i], min_new_tokens, float(temperature), int(top_k or 0), float(top_p))
             for i in range(n)]
     with tqdm(total=n, desc="generate", disable=not progress) as bar:
