@@ -15,7 +15,9 @@ interleaved rounds (other processes share the cores; the spread is printed):
   coefficients.
 * the refill interval k (`chunk`): the ragged efficiency at a few values.
 * decode step, old vs new, batch 16 on 80-160-token prompts: (t(96 new) - t(32 new)) / 64
-  per step for the static path's per-layer buffers (`generate_arrays`) and for the engine
+  per step for transformers' `generate` (greedy, the same left-padded ids), for the step's
+  projection and LM-head matmuls alone (`matmul_floor`, the floor on this hardware), for
+  the static path's per-layer buffers (`generate_arrays`) and for the engine
   (unrolled over per-layer views of the stacked weights, the default on CPU; unrolled
   slicing the stacked weights inside the program; scanned); the fixed cost per call is
   t(32) - 32 * step.
@@ -41,10 +43,11 @@ MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, vocab_
 
 
 def build(d, model_kwargs):
+    """(our model, the transformers model) of a random llama saved in d."""
     import persona_jax as pj
     from persona_jax.testing import tiny_checkpoint
-    tiny_checkpoint(d, "llama", seed=0, initializer_range=0.02, **model_kwargs)
-    return pj.load_model(d)
+    torch_model = tiny_checkpoint(d, "llama", seed=0, initializer_range=0.02, **model_kwargs)
+    return pj.load_model(d), torch_model
 
 
 def workload(n, rng, vocab, cap=256, mean=64.0, prompt=(16, 64)):
@@ -144,10 +147,38 @@ def ragged(model, args, out):
         print("refill interval k:", {k: round(v, 3) for k, v in out["chunk_efficiency"].items()}, flush=True)
 
 
-def decode_step(model, args, out):
-    """Old vs new decode step at batch 16, greedy, 80-160-token prompts."""
+def matmul_floor(model, b, steps):
+    """A function running `steps` times the matmuls of one greedy decode step at batch b
+    (every layer's q/k/v/o and MLP projections, and the LM head), chained so none is
+    dropped, on per-layer views of the weights: the step's floor on this hardware."""
     import jax
     import jax.numpy as jnp
+    from persona_jax.model.decoder import head_kernel
+    from persona_jax.model.layer_views import layer_views
+    c = model.config
+    layers = layer_views(model.params["layers"], c.num_layers).layers
+    head = head_kernel(c, model.params)
+
+    def step(_, x):
+        for lp in layers:
+            a, m = lp["self_attn"], lp["mlp"]
+            q = x @ a["q_proj"]["kernel"]
+            kv = (x @ a["k_proj"]["kernel"])[:, :1] + (x @ a["v_proj"]["kernel"])[:, :1]
+            x = x + q @ a["o_proj"]["kernel"] + 1e-6 * kv
+            x = x + ((x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+        return x + 1e-6 * (x @ head)[:, : c.hidden_size]
+
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    x = jnp.ones((b, c.hidden_size), model.dtype) * 1e-3
+    return lambda: f(x).block_until_ready()
+
+
+def decode_step(model, args, out):
+    """Old vs new decode step at batch 16, greedy, 80-160-token prompts, against the step's
+    matmuls alone, and the fixed cost per call against transformers' `generate`."""
+    import jax
+    import jax.numpy as jnp
+    import torch
     from persona_jax.runtime import batching, engine
     from persona_jax.runtime.generate import SamplingParams, generate_arrays
     rng = np.random.RandomState(1)
@@ -156,6 +187,9 @@ def decode_step(model, args, out):
     p = batching.bucket(max(map(len, ids)))
     tokens, mask = batching.pad_rows(ids, p, 0, left=True)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(b))
+    torch.set_num_threads(os.cpu_count())
+    t_ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    t_mask = torch.tensor(np.asarray(mask), dtype=torch.long)
 
     def old(n):
         sp = SamplingParams(n, True, False, False, (), 0)  # no EOS: exactly n tokens
@@ -167,18 +201,28 @@ def decode_step(model, args, out):
         return engine.generate_tokens(model, ids, [n] * b, 0.0, 1.0, None, n, 0, [], {}, b, layer_loop=loop,
                                       prefill_batch=b, chunk=128, weight_views=views)
 
+    def hf(n):
+        with torch.no_grad():
+            return model.torch_model.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=n,
+                                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+
     short, long = 32, 96
-    fns = {"old_32": lambda: old(short), "old_96": lambda: old(long)}
+    floor = {n: matmul_floor(model, b, n) for n in (short, long)}
+    fns = {"old_32": lambda: old(short), "old_96": lambda: old(long), "hf_32": lambda: hf(short),
+           "hf_96": lambda: hf(long), "floor_32": floor[short], "floor_96": floor[long]}
     variants = {"unrolled": ("unrolled", True), "unrolled_sliced": ("unrolled", False), "scan": ("scan", False)}
     for name, (loop, views) in variants.items():
         fns[f"{name}_32"] = lambda loop=loop, views=views: new(short, loop, views)
         fns[f"{name}_96"] = lambda loop=loop, views=views: new(long, loop, views)
     r = timed(fns, args.repeats)
     res = {}
-    for side in ("old", *variants):
+    for side in ("old", "hf", "floor", *variants):
         step = (r[f"{side}_96"][0] - r[f"{side}_32"][0]) / (long - short)
         res[side] = dict(step_ms=step * 1e3, fixed_s=r[f"{side}_32"][0] - short * step)
     res["new_over_old_step"] = res["unrolled"]["step_ms"] / res["old"]["step_ms"]
+    res["new_step_over_matmul_floor"] = res["unrolled"]["step_ms"] / res["floor"]["step_ms"]
+    res["new_fixed_over_hf_fixed"] = res["unrolled"]["fixed_s"] / res["hf"]["fixed_s"]
+    res["hf_step_over_new_step"] = res["hf"]["step_ms"] / res["unrolled"]["step_ms"]
     out["decode_step_b16"] = res
     print("decode step batch 16:", json.dumps(res), flush=True)
 
@@ -248,7 +292,8 @@ def main():
     import jax
     out = {"machine": f"{jax.default_backend()} x{os.cpu_count()}", "model": model_kwargs}
     with tempfile.TemporaryDirectory() as d:
-        model = build(d, model_kwargs)
+        model, torch_model = build(d, model_kwargs)
+        model.torch_model = torch_model
         sections = args.sections.split(",")
         if "ragged" in sections:
             ragged(model, args, out)

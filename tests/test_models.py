@@ -103,6 +103,26 @@ def test_float32_parity_every_layer_and_logits(family, checkpoints, fp32_models)
     assert logit_err <= FP32_TOL
 
 
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_long_padded_rows_match_unpadded_rows(left, checkpoints, fp32_models):
+    """Rows longer than two of the decoder's causal query blocks (`CAUSAL_BLOCK`: each block
+    attends to its prefix only), padded on either side in one batch, against transformers
+    on each unpadded row; the block size itself is also not a multiple of the length."""
+    from persona_jax.model import decoder
+    _, tmodel = checkpoints["qwen2"]
+    model = fp32_models["qwen2"]
+    rng = np.random.RandomState(5)
+    lengths = (2 * decoder.CAUSAL_BLOCK + 37, decoder.CAUSAL_BLOCK + 5, 3 * decoder.CAUSAL_BLOCK + 1)
+    seqs = [rng.randint(0, VOCAB, n) for n in lengths]
+    ids, mask = pad(seqs, left)
+    out = pj.forward(model, ids, mask)
+    for i, s in enumerate(seqs):
+        ref_h, ref_l = torch_run(tmodel, s[None])
+        sl = slice(ids.shape[1] - len(s), None) if left else slice(0, len(s))
+        assert max_err_per_layer(np.asarray(out.hidden_states)[:, i:i + 1, sl], ref_h).max() <= FP32_TOL
+        assert np.abs(np.asarray(out.logits)[i:i + 1, sl] - ref_l).max() <= FP32_TOL
+
+
 def test_configs_exercise_every_switch(fp32_models):
     """The tiny configs really cover GQA, tied embeddings, bias, q/k norm, head_dim != D/H
     and llama3 rope scaling (so the parity tests above test them)."""
