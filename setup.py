@@ -25,7 +25,8 @@ setup(
         "pandas>=2.1",  # multiple-choice items from CSV / parquet (method/capability.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13"],  # peft: the adapter interop reference
+        # peft: the adapter interop reference; pytest-xdist: the suite runs on 2 workers
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13"],
         "parquet": ["pyarrow>=14"],  # capability items in .parquet (cais/mmlu's own files)
     },
 )

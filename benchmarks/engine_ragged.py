@@ -9,10 +9,12 @@ interleaved rounds (other processes share the cores; the spread is printed):
 * ragged efficiency: 256 sampled requests (temperature 1) whose lengths follow a long
   tail (1 + Exp(64) capped at 256: mean ~64, median ~45), forced by per-request
   `max_new_tokens`; useful tokens/s divided by tokens/s on the same prompts at a fixed
-  length equal to the mean. For the engine (`generate`) and for today's static batches
-  (`generate_arrays`, each batch decoding until its longest row ends, which is what
-  EOS-driven rows cost there); then the same with half the rows steered at different
-  coefficients.
+  length equal to the mean (the engine's slots sized for that length; and, as
+  `engine_efficiency_vs_capsized_fixed`, sized for the cap, as an EOS-driven run whose
+  rows happen to end at the mean would be: the ring's length then costs both alike). For
+  the engine (`generate`) and for today's static batches (`generate_arrays`, each batch
+  decoding until its longest row ends, which is what EOS-driven rows cost there); then
+  the same with half the rows steered at different coefficients.
 * the refill interval k (`chunk`): the ragged efficiency at a few values.
 * decode step, old vs new, batch 16 on 80-160-token prompts: (t(96 new) - t(32 new)) / 64
   per step for transformers' `generate` (greedy, the same left-padded ids), for the step's
@@ -125,6 +127,9 @@ def ragged(model, args, out):
         fns = {
             "engine_ragged": lambda st=st: engine_run(model, ids, limits, st, slots=args.slots),
             "engine_fixed": lambda st=st: engine_run(model, ids, fixed, st, slots=args.slots),
+            # the slots sized for the cap, as an EOS-driven run of the same prompts is
+            "engine_fixed_capsized": lambda st=st: engine_run(model, ids, fixed, st, slots=args.slots,
+                                                              max_new=args.cap),
             "static_ragged": lambda st=st: static_run(model, ids, limits, st, slots=args.slots),
             "static_fixed": lambda st=st: static_run(model, ids, fixed, st, slots=args.slots),
         }
@@ -132,10 +137,12 @@ def ragged(model, args, out):
         row = {k: dict(seconds=v[0], spread=[v[1], v[2]], tokens=v[3], tokens_per_s=v[3] / v[0]) for k, v in r.items()}
         for side in ("engine", "static"):
             row[f"{side}_efficiency"] = row[f"{side}_ragged"]["tokens_per_s"] / row[f"{side}_fixed"]["tokens_per_s"]
+        row["engine_efficiency_vs_capsized_fixed"] = (row["engine_ragged"]["tokens_per_s"]
+                                                      / row["engine_fixed_capsized"]["tokens_per_s"])
         row["engine_vs_static_ragged"] = row["engine_ragged"]["tokens_per_s"] / row["static_ragged"]["tokens_per_s"]
         out[f"ragged_{label}"] = row
         print(label, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                                 if k.endswith(("efficiency", "static_ragged"))}),
+                                 if "efficiency" in k}),
               {k: round(v["tokens_per_s"], 1) for k, v in row.items() if isinstance(v, dict)}, flush=True)
     if args.chunks:
         fns = {f"chunk_{k}": (lambda k=k: engine_run(model, ids, limits, slots=args.slots, chunk=k))

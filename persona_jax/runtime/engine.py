@@ -541,16 +541,18 @@ class Engine:
 
 def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
                     batch_size, progress=False, layer_loop: str | None = None, chunk: int = 8,
-                    prefill_batch: int = 8, weight_views: bool = True) -> list[list[int]]:
+                    prefill_batch: int = 8, weight_views: bool = True, max_new: int | None = None) -> list[list[int]]:
     """`generate`'s engine path: token ids per input (new tokens, EOS included when
-    emitted). ids: prompt token ids per input; limits: max_new_tokens per input."""
+    emitted). ids: prompt token ids per input; limits: max_new_tokens per input; max_new:
+    the longest continuation the slots are sized for (default the largest limit; a fixed
+    cap, as an EOS-driven run has, keeps the compiled programs across calls)."""
     from tqdm.auto import tqdm
     from persona_jax.steering.spec import position_masks, steering_arrays
 
     n = len(ids)
     multiple = batching.batch_multiple(model.mesh)
     slots = batching.grow_batch(min(batch_size, n), multiple)
-    max_new = -(-max(limits) // 16) * 16
+    max_new = -(-max(max(limits), max_new or 0) // 16) * 16
     spec = EngineSpec(slots=slots, cache_len=batching.bucket(max(map(len, ids))) + max_new, max_new=max_new,
                       greedy=temperature == 0, use_top_k=top_k is not None, use_top_p=top_p < 1.0,
                       eos_ids=model.eos_token_ids, pad_id=model.pad_token_id,
