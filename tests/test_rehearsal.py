@@ -6,10 +6,11 @@ reference's layouts written here, and a local OpenAI-compatible judge whose scor
 deterministic function of the text.
 
 Targets: the two paper configs with the model path overridden (Qwen2.5 evil on a tiny
-qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command; every other
-family of `persona_jax.testing.FAMILY_CLASSES` runs the cheaper subset `inspect_model`,
-`monitor` (which runs extract -> steer -> monitor) and `project` under configs/base.py.
-Only the sample budgets are made small (flags appended to the README's command line).
+qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command here; every
+other family of `persona_jax.testing.FAMILY_CLASSES` runs `FAMILY_SUBSET` under
+configs/base.py in tests/test_rehearsal_families.py (a second file, so the two halves run on
+different test workers). Only the sample budgets are made small (flags appended to the
+README's command line).
 """
 import csv
 import json
@@ -40,7 +41,6 @@ MAX_NEW = 12
 LAYER = 2  # of the tiny checkpoints' 3 layers
 
 COMMANDS = readme_commands()
-SUBSET = ("inspect_model", "monitor", "project")
 
 _CONFIG_BUDGET = [
     "--config.progress=False",
@@ -68,18 +68,29 @@ BUDGET = {
     "flag_data": [f"--max_new_tokens={MAX_NEW}", "--batch_size=8"],
 }
 
-TARGETS = {
-    "qwen25_7b_evil": dict(family="qwen2", config="configs/qwen25_7b_evil.py", trait="evil", full=True),
-    "llama31_8b_sycophantic": dict(family="llama", config="configs/llama31_8b_sycophantic.py",
-                                   trait="sycophantic", full=True),
+PAPER_TARGETS = {
+    "qwen25_7b_evil": dict(family="qwen2", config="configs/qwen25_7b_evil.py", trait="evil"),
+    "llama31_8b_sycophantic": dict(family="llama", config="configs/llama31_8b_sycophantic.py", trait="sycophantic"),
 }
-for _family in testing.FAMILY_CLASSES:
-    if _family not in ("qwen2", "llama"):  # those two run every command under the paper configs
-        TARGETS[_family] = dict(family=_family, config="configs/base.py", trait="evil", full=False)
+# the paper configs cover qwen2 and llama; every other family under configs/base.py
+FAMILY_TARGETS = {f: dict(family=f, config="configs/base.py", trait="evil")
+                  for f in testing.FAMILY_CLASSES if f not in ("qwen2", "llama")}
+TARGETS = {**PAPER_TARGETS, **FAMILY_TARGETS}
+# What the other families run (every command costs about 4 minutes per family, which the
+# suite's 30 minutes cannot hold): `monitor` runs extract -> steer -> monitor in one command;
+# `generate_trait` does not read the model and `pipeline` repeats the fine-tuning and
+# flagging that `finetune` and `flag_data` run.
+FAMILY_SUBSET = ("inspect_model", "monitor", "project", "finetune", "flag_data")
 
-CASES = [pytest.param(t, i, id=f"{t}-{i}-{runner_of(c)}")
-         for t, spec in TARGETS.items() for i, c in enumerate(COMMANDS)
-         if spec["full"] or runner_of(c) in SUBSET]
+
+def cases(targets, runners=None):
+    """(target, README command) pairs, in the README's order (a target's commands share
+    its workdir, so later ones read what earlier ones wrote); runners: only these."""
+    return [pytest.param(t, i, id=f"{t}-{i}-{runner_of(c)}") for t in targets for i, c in enumerate(COMMANDS)
+            if runners is None or runner_of(c) in runners]
+
+
+CASES = cases(PAPER_TARGETS)
 
 
 def test_readme_block_names_every_runner_and_has_a_budget():
@@ -195,6 +206,11 @@ def _run(env: _Env, command: str):
 
 @pytest.mark.parametrize("target,index", CASES)
 def test_readme_command(envs, target, index):
+    run_and_check(envs, target, index)
+
+
+def run_and_check(envs, target, index):
+    """Run README command `index` for `target` and check every file it promises."""
     env = envs(target)
     command = COMMANDS[index]
     runner = runner_of(command)
@@ -289,7 +305,7 @@ def check_steer(env, command, proc):
 
 def check_monitor(env, command, proc):
     d = env.work / env.trait
-    if not env.spec["full"]:  # the subset runs extract -> steer -> monitor in this one command
+    if env.name in FAMILY_TARGETS:  # extract -> steer -> monitor ran in this one command
         check_extract(env, command, proc)
         check_steer(env, command, proc)
     report = json.loads((env.work / "report.json").read_text())
