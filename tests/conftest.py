@@ -23,16 +23,3 @@ def _release_compiled_programs():
     jax.clear_caches()
     gc.collect()
 
-
-# The slowest test files (minutes each on 2 cores), started first: with two xdist workers
-# taking whole files (`--dist loadfile`, the README's test command), a long file started last
-# would run alone at the end. Order within a file is kept (the rehearsal's commands share a
-# workdir and run in the README's order).
-SLOW_FIRST = ("test_organism_finetune.py", "test_rehearsal_families.py", "test_organism_real_path.py",
-              "test_rehearsal.py", "test_organism.py", "test_gpu_bench_smoke.py", "test_engine.py",
-              "test_cross_trait.py", "test_generate.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
