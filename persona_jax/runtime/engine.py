@@ -219,6 +219,11 @@ def _layer_rows(interventions, num_layers: int) -> dict:
     return out
 
 
+def _has_layer_views(params) -> bool:
+    """params["layers"] is a list of per-layer views (`layer_views`), not the stacked tree."""
+    return isinstance(params["layers"], (list, tuple))
+
+
 def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled",
                   ring: bool = True):
     """One decode call of every slot, the weights read from the stacked params (no copy of
@@ -248,11 +253,10 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
         h = Embedding(c, dtype).apply(variables(params["embed_tokens"], apply.embed_variables(interventions)),
                                       tokens, ctx)
         if layer_loop == "unrolled":
-            layers = params["layers"]
-            per_layer = isinstance(layers, (list, tuple))  # `layer_views`: no slicing in the program
+            layers, per_layer = params["layers"], _has_layer_views(params)  # views: no slicing in the program
             new_cache = []
             for l in range(c.num_layers):
-                lp = layers[l] if per_layer else jax.tree.map(lambda x: x[l], params["layers"])
+                lp = layers[l] if per_layer else jax.tree.map(lambda x: x[l], layers)
                 layer_in = {"window": jnp.asarray(c.layer_windows[l], jnp.int32),
                             "cache": {**cache[l], "ring": True} if ring else cache[l]}
                 h, nc = Block(c, dtype).apply(variables(lp, apply.layer_variables(interventions, l)), h,
@@ -329,7 +333,7 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
     ctx, n_prompt, _ = apply.prefill_ctx(mask, p)
     ctx.update(prefill_pos or {})
     empty = empty_cache(config, b, p, dtype)
-    if isinstance(params["layers"], (list, tuple)):  # per-layer views (CPU): no weight slice copies
+    if _has_layer_views(params):  # per-layer views (CPU): no weight slice copies
         last, per_layer = decode_logits(config, params, tokens, ctx,
                                         [{"k": empty["k"][l], "v": empty["v"][l]} for l in range(config.num_layers)],
                                         steer or None, "unrolled", ring=False)
