@@ -23,3 +23,44 @@ def _release_compiled_programs():
     jax.clear_caches()
     gc.collect()
 
+
+
+# ---- order and units of work on the two pytest-xdist workers -------------------------
+# The tests that take minutes, longest first (measured with `--durations` in `.ci/run`):
+# started first, so the two workers end together instead of one running the organism's
+# fine-tuning alone at the end. Each fragment matches a scheduling unit (below).
+SLOW_FIRST = ("test_organism_finetune.py", "test_rehearsal.py", "test_rehearsal_families.py",
+              "test_organism_real_path.py", "test_organism.py", "test_gpu_bench_smoke.py", "test_engine.py")
+
+
+def _unit(nodeid: str) -> str:
+    """The scheduling unit of a test: its file, except that each rehearsal target (a
+    checkpoint whose README commands share one workdir, in order) is a unit of its own, so
+    the targets of one file spread over the workers."""
+    path, _, rest = nodeid.partition("::")
+    if path.rsplit("/", 1)[-1].startswith("test_rehearsal") and "[" in rest:
+        return f"{path}::{rest.split('[', 1)[1].split('-', 1)[0]}"
+    return path
+
+
+def _slowness(nodeid: str) -> int:
+    name = nodeid.partition("::")[0].rsplit("/", 1)[-1]
+    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    # stable: the order within a file (and a rehearsal target's command order) is kept
+    items.sort(key=lambda item: _slowness(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the rehearsal targets as units, handed out in collection
+    order (slowest first) rather than by xdist's count of tests per unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RehearsalAwareFileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return RehearsalAwareFileScheduling(config, log)

@@ -7,10 +7,10 @@ deterministic function of the text.
 
 Targets: the two paper configs with the model path overridden (Qwen2.5 evil on a tiny
 qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command here; every
-other family of `persona_jax.testing.FAMILY_CLASSES` runs `FAMILY_SUBSET` under
-configs/base.py in tests/test_rehearsal_families.py (a second file, so the two halves run on
-different test workers). Only the sample budgets are made small (flags appended to the
-README's command line).
+other family of `persona_jax.testing.FAMILY_CLASSES` runs every command too, under
+configs/base.py, in tests/test_rehearsal_families.py. Each target is a unit of its own on
+the test workers (tests/conftest.py). Only the sample budgets are made small (flags
+appended to the README's command line).
 """
 import csv
 import json
@@ -76,11 +76,6 @@ PAPER_TARGETS = {
 FAMILY_TARGETS = {f: dict(family=f, config="configs/base.py", trait="evil")
                   for f in testing.FAMILY_CLASSES if f not in ("qwen2", "llama")}
 TARGETS = {**PAPER_TARGETS, **FAMILY_TARGETS}
-# What the other families run (every command costs about 4 minutes per family, which the
-# suite's 30 minutes cannot hold): `monitor` runs extract -> steer -> monitor in one command;
-# `generate_trait` does not read the model and `pipeline` repeats the fine-tuning and
-# flagging that `finetune` and `flag_data` run.
-FAMILY_SUBSET = ("inspect_model", "monitor", "project", "finetune", "flag_data")
 
 
 def cases(targets, runners=None):
@@ -305,9 +300,6 @@ def check_steer(env, command, proc):
 
 def check_monitor(env, command, proc):
     d = env.work / env.trait
-    if env.name in FAMILY_TARGETS:  # extract -> steer -> monitor ran in this one command
-        check_extract(env, command, proc)
-        check_steer(env, command, proc)
     report = json.loads((env.work / "report.json").read_text())
     entry = report["traits"][env.trait]
     mon = entry["monitoring"]
