@@ -8,8 +8,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gc  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# One persistent compilation cache per test run, as the runners use one per user: made by
+# the first process that loads this file (pytest's controller, before it starts the xdist
+# workers), inherited through the environment by the workers and by the rehearsal's runner
+# subprocesses, so a program compiled once is loaded from disk everywhere after. A fresh
+# folder each run: tests never see programs left by an earlier run.
+_OWN_CACHE = "PERSONA_JAX_COMPILATION_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["PERSONA_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="persona_jax_jax_cache_")
+
+from persona_jax.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:  # the process that made the folder (the controller) removes it
+        import shutil
+        shutil.rmtree(os.environ["PERSONA_JAX_COMPILATION_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,6 +14,7 @@ appended to the README's command line).
 """
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -167,16 +168,15 @@ class _Env:
 @pytest.fixture(scope="module")
 def envs(tmp_path_factory):
     made = {}
-    # One persistent XLA compilation cache for every command: the runners of one target
-    # compile the same generate / capture programs, so only the first compiles them.
-    jax_cache = tmp_path_factory.mktemp("rehearsal_jax_cache")
+    # The commands use the runners' default persistent compilation cache, which conftest
+    # points at the test run's one folder ($PERSONA_JAX_COMPILATION_CACHE, inherited): the
+    # runners of one target compile the same generate / capture programs, so only the
+    # first compiles them.
+    assert os.environ.get("PERSONA_JAX_COMPILATION_CACHE")
 
     def get(name):
         if name not in made:
             made[name] = _Env(name, TARGETS[name], tmp_path_factory.mktemp(f"rehearsal_{name}"))
-            made[name].env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-                                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return made[name]
 
     yield get

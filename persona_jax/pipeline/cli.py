@@ -11,8 +11,15 @@ import sys
 from absl import app, flags, logging
 
 from persona_jax.errors import PersonaError
+from persona_jax.runtime import compile_cache
 
 EXIT_USER_ERROR = 2
+
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "folder of JAX's persistent compilation cache, shared by every run (default: "
+    f"${compile_cache.ENV_VAR}, else ~/.cache/persona_jax/jax_cache); '' turns it off; "
+    "delete the folder to clear it")
 
 
 def fail(message) -> None:
@@ -32,6 +39,19 @@ def _parse_flags(argv):
         fail(e)
 
 
+def _enable_compilation_cache(path) -> None:
+    """Turn on the persistent compilation cache before anything compiles. A folder the
+    user named must work; the default one is skipped (with a warning) when it cannot be made."""
+    try:
+        compile_cache.enable(path)
+    except OSError as e:
+        if path is not None:
+            fail(f"--compilation_cache_dir={path!r} cannot be used: {e}; name a writable folder, "
+                 "or pass --compilation_cache_dir='' to turn the cache off")
+        logging.warning("persistent compilation cache off: %s", e)
+        compile_cache.enable("")
+
+
 def run(main) -> None:
     """`absl.app.run(main)` with user errors reported as one line and exit status 2."""
 
@@ -40,6 +60,7 @@ def run(main) -> None:
         # for warnings and errors unless the user asked for more with --verbosity.
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        _enable_compilation_cache(COMPILATION_CACHE_DIR.value)
         try:
             return main(argv)
         except PersonaError as e:
