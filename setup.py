@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "openai>=1.50",
+        "gguf>=0.10",  # llama.cpp control vectors (io/vectors.py export_gguf / import_gguf)
         "pandas>=2.1",  # multiple-choice items from CSV / parquet (method/capability.py)
     ],
     extras_require={

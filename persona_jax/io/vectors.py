@@ -7,6 +7,8 @@
   tensor [L+1, D] (row 0 = embeddings, row l = output of block l-1, last row after the
   final norm). Vectors are stored unnormalised.
 - `.npy`: the bare float32 array [L+1, D].
+- `.gguf`: a llama.cpp control vector (also what repeng and ollama exchange), see
+  `export_gguf`.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def vector_filename(trait: str, reduction: str, suffix: str = ".pt") -> str:
 def parse_vector_filename(path: str | os.PathLike) -> tuple[str, Optional[str]]:
     """(trait, reduction) from a reference-style name; (stem, None) if it is not one."""
     stem = Path(path).name
-    for suffix in (".pt", ".npy"):
+    for suffix in (".pt", ".npy", ".gguf"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     m = _REF_NAME.match(stem)
@@ -268,12 +270,106 @@ def import_npy(path: str | os.PathLike) -> np.ndarray:
     return _as_float32_2d(arr, f"vector file {path}")
 
 
+# ---------------------------------------------------------------- llama.cpp control vectors
+GGUF_ARCH = "controlvector"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise PersonaError("reading or writing .gguf control vectors needs the `gguf` package; "
+                           "run `pip install gguf`.") from None
+    return gguf
+
+
+@writer_only
+def export_gguf(array: Any, path: str | os.PathLike, model_hint: str = "") -> Path:
+    """Write float32 [L+1, D] as a llama.cpp control vector (`--control-vector-scaled FILE c`).
+
+    The layer mapping: llama.cpp adds tensor `direction.N` (N >= 1) to the output of block N
+    counted from 0, after its MLP residual, which is hidden state N + 1 in HF indexing: so
+    direction.N = row N + 1, for N = 1 .. L-1. Rows 0 (embeddings) and 1 (block 0's output)
+    have no place in the format (llama.cpp refuses direction.0) and are not written. The
+    file's keys: `general.architecture = "controlvector"`, `controlvector.model_hint`
+    (e.g. "llama"), `controlvector.layer_count` (the number of direction tensors, as repeng
+    writes it). Values are the vector as stored (unnormalised); llama.cpp scales it by c.
+    """
+    gguf = _gguf()
+    arr = _as_float32_2d(array, f"vector for {path}")
+    if arr.shape[0] < 3:
+        raise PersonaError(f"vector for {path} has {arr.shape[0]} rows; a control vector needs "
+                           "hidden states of at least two blocks ([num_layers + 1, hidden_size]).")
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
+        writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
+        writer.add_uint32(f"{GGUF_ARCH}.layer_count", arr.shape[0] - 2)
+        for n in range(1, arr.shape[0] - 1):
+            writer.add_tensor(f"direction.{n}", np.ascontiguousarray(arr[n + 1]))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return _write_atomic(Path(path), write)
+
+
+def import_gguf(path: str | os.PathLike, num_layers: Optional[int] = None) -> tuple[np.ndarray, str]:
+    """Read a llama.cpp / repeng control vector -> (float32 [L+1, D], model_hint).
+
+    Row N + 1 = `direction.N` (see `export_gguf`); rows the file does not hold are zero.
+    L is `num_layers` when given, else the last direction's block + 1.
+    """
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise PersonaError(f"vector file {path} does not exist; check the path.")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise PersonaError(f"vector file {path} is not a readable GGUF file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:150] if str(e) else ''}).") from None
+    arch = reader.get_field("general.architecture")
+    arch = bytes(arch.parts[-1]).decode("utf-8") if arch is not None else None
+    if arch != GGUF_ARCH:
+        raise PersonaError(f"vector file {path} is a GGUF file of architecture {arch!r}, not a "
+                           f"control vector ({GGUF_ARCH!r}).")
+    hint = reader.get_field(f"{GGUF_ARCH}.model_hint")
+    hint = bytes(hint.parts[-1]).decode("utf-8") if hint is not None else ""
+    rows = {}
+    for t in reader.tensors:
+        name = t.name
+        if not name.startswith("direction."):
+            continue
+        try:
+            n = int(name.split(".", 1)[1])
+        except ValueError:
+            n = -1
+        if n < 1:
+            raise PersonaError(f"vector file {path} has tensor {name!r}; control vector layers are "
+                               "direction.N with N >= 1.")
+        rows[n] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    if not rows:
+        raise PersonaError(f"vector file {path} holds no direction.N tensor.")
+    widths = {v.shape[0] for v in rows.values()}
+    if len(widths) != 1:
+        raise PersonaError(f"vector file {path} has directions of different widths {sorted(widths)}.")
+    L = num_layers if num_layers is not None else max(rows) + 1
+    if max(rows) + 1 > L:
+        raise PersonaError(f"vector file {path} has direction.{max(rows)}, beyond a model of {L} layers.")
+    arr = np.zeros((L + 1, widths.pop()), np.float32)
+    for n, v in rows.items():
+        arr[n + 1] = v
+    return arr, hint
+
+
 def load_any(
     path: str | os.PathLike,
     trait: Optional[str] = None,
     reduction: Optional[str] = None,
 ) -> PersonaVector:
-    """Load a vector from an Orbax directory, a `.pt` or a `.npy` file.
+    """Load a vector from an Orbax directory, a `.pt`, `.npy` or `.gguf` file.
 
     For files, trait and reduction come from a reference-style name
     (`{trait}_{reduction}_diff.pt`) unless given; `reduction` stays None when neither says.
@@ -288,10 +384,15 @@ def load_any(
         arr = import_pt(path)
     elif path.suffix == ".npy":
         arr = import_npy(path)
+    elif path.suffix == ".gguf":
+        arr, hint = import_gguf(path)
+        name_trait, name_reduction = parse_vector_filename(path)
+        return PersonaVector(arr, trait=trait or name_trait, reduction=reduction or name_reduction,
+                             model_id=hint, config={"source": str(path)})
     elif not path.exists():
         raise PersonaError(f"vector path {path} does not exist; check the path.")
     else:
-        raise PersonaError(f"vector file {path} has an unknown type; use a .pt or .npy file or "
+        raise PersonaError(f"vector file {path} has an unknown type; use a .pt, .npy or .gguf file or "
                            "an Orbax directory written by save_vector.")
     name_trait, name_reduction = parse_vector_filename(path)
     return PersonaVector(arr, trait=trait or name_trait, reduction=reduction or name_reduction,
