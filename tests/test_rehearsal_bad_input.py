@@ -170,3 +170,15 @@ def test_pipeline_files_written_by_process_0_only(tmp_path, monkeypatch):
     finetune_steps._write_flagged_csv(str(tmp_path / "flagged.csv"), res, None)
     setup._write_config(str(tmp_path / "config.json"), {"a": 1})
     assert (tmp_path / "flagged.csv").is_file() and json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["../evil", "sub/evil", "/tmp/evil", "evil.json", ""])
+def test_trait_name_outside_a_safe_pattern(layout, name):
+    """A trait name is a path component of the workdir and the trait files: `../evil` read
+    and wrote outside the workdir, `sub/evil` made a nested layout. Both now stop first."""
+    cfg = _cfg(layout)
+    cfg.traits = (name,)
+    if name == "../evil":  # a real file there: the name alone must stop it, not a missing file
+        write_traits(layout / "traits" / "sub", "evil", 2, 2)
+        cfg.trait_dir = str(layout / "traits" / "sub" / "trait_data_extract")
+    _fails_before_writing(cfg, layout / "work", "trait name")

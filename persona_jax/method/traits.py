@@ -193,6 +193,7 @@ def split_questions(questions: Sequence[str], n_extract: int = 20) -> tuple[list
 
 def trait_paths(root: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """(extract file, eval file) under `root`, named as the reference does."""
+    check_trait_name(name)
     root = Path(root)
     return root / EXTRACT_DIR / f"{name}.json", root / EVAL_DIR / f"{name}.json"
 
@@ -404,8 +405,10 @@ def _check_generated(text: str, name: str, n_pairs: int, n_questions: int) -> Tr
                  eval_prompt=data["eval_prompt"])
 
 
-def _check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name or ""):
+def check_trait_name(name: str) -> None:
+    """A trait name names files and folders (`{workdir}/{trait}/`, `{trait}.json`), so it is
+    one safe path component: `../evil` or `sub/evil` would read or write outside its place."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
         raise PersonaError(f"trait name {name!r} is not usable in file names and prompts; use "
                            "letters, digits, '_' or '-', starting with a letter (e.g. 'evil').")
 
@@ -437,7 +440,7 @@ def generate_trait_artifacts(
     Returns:
       the full trait (all `n_questions` questions).
     """
-    _check_name(name)
+    check_trait_name(name)
     if not description or not description.strip():
         raise PersonaError(f"trait {name!r} has an empty description; describe the trait in "
                            "a sentence or a paragraph.")

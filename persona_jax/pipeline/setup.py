@@ -75,6 +75,10 @@ def setup(cfg, workdir: str, need_judge: bool = True):
 def check_inputs(source, cfg) -> None:
     """Load (and so validate) every configured trait's extraction and evaluation artifacts
     and, for file traits, the fine-tuning and flagging datasets the steps will read."""
+    from persona_jax.method.traits import check_trait_name
+
+    for name in cfg.traits:
+        check_trait_name(name)
     for name in cfg.traits:
         source.extract_trait(name)
         source.eval_trait(name)
