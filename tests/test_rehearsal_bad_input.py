@@ -182,3 +182,25 @@ def test_trait_name_outside_a_safe_pattern(layout, name):
         write_traits(layout / "traits" / "sub", "evil", 2, 2)
         cfg.trait_dir = str(layout / "traits" / "sub" / "trait_data_extract")
     _fails_before_writing(cfg, layout / "work", "trait name")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("steer.coefs", (0.0, float("inf")), "finite"),
+    ("steer.coefs", (0.0, float("nan")), "finite"),
+    ("steer.coefs", ("(0.0,nan)",), "not a tuple"),  # what the flag parser leaves of an unparsable tuple
+])
+def test_config_values_checked_first(layout, field, value, match):
+    cfg = _cfg(layout)
+    section, name = field.split(".")
+    setattr(cfg[section], name, value)
+    _fails_before_writing(cfg, layout / "work", match)
+
+
+def test_unparsable_tuple_flag_is_one_line(layout):
+    proc = subprocess.run([sys.executable, "-m", "experiments.steer", "--config=configs/organism.py",
+                           f"--workdir={layout / 'work'}", "--config.steer.coefs=(0.0,nan)"],
+                          cwd=REPO, env=env_for({}), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config.steer.coefs"), proc.stderr
+    assert not (layout / "work").exists()

@@ -53,13 +53,36 @@ def model_path(cfg) -> str:
     return cfg.model
 
 
+def check_config(cfg) -> None:
+    """Every value of the config a run will record and use: numbers finite (an infinite
+    coefficient was generated, scored and written as `Infinity`), and tuple overrides that
+    parsed (`--config.steer.coefs=(0.0,nan)` reaches the config as one string)."""
+    import math
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                if isinstance(v, str) and v.strip()[:1] in "([" and v.strip():
+                    raise PersonaError(f"config.{prefix}={v!r} is not a tuple of plain values; write it "
+                                       "like --config.steer.coefs='(0.0,1.5)' with finite numbers")
+                walk(prefix, v)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise PersonaError(f"config.{prefix} holds {value!r}; every number of a config must be finite")
+
+    walk("", cfg.to_dict())
+
+
 def setup(cfg, workdir: str, need_judge: bool = True):
     """Initialise devices and return (model, judge or None, trait source)."""
     from persona_jax.model import load_model
 
     sh.maybe_initialize_distributed(bool(cfg.distributed))
     # Everything a user can get wrong is checked before the first file is written or the
-    # model is loaded: the trait files, the judge endpoint (one probe request).
+    # model is loaded: the config's values, the trait files, the judge endpoint (one probe request).
+    check_config(cfg)
     source = trait_source(cfg)
     check_inputs(source, cfg)
     os.makedirs(workdir, exist_ok=True)
