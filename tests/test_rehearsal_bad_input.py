@@ -204,3 +204,31 @@ def test_unparsable_tuple_flag_is_one_line(layout):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: config.steer.coefs"), proc.stderr
     assert not (layout / "work").exists()
+
+
+def test_busy_workdir_names_the_other_process(layout):
+    import os
+    import socket
+    from persona_jax.io import workdir_lock
+
+    work = layout / "work"
+    work.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / workdir_lock.LOCK_NAME).write_text(f"{other.pid}@{socket.gethostname()}\n")
+        cfg = _cfg(layout)
+        cfg.steps = ("extract",)
+        with pytest.raises(PersonaError, match=f"in use by process {other.pid}"):
+            setup.setup(cfg, str(work), need_judge=False)
+        assert not (work / "config.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # the same lock once its process is gone: stale, taken over (the run goes on to the model)
+    cfg = _cfg(layout)
+    cfg.steps = ("extract",)
+    with pytest.raises(Exception) as e:
+        setup.setup(cfg, str(work), need_judge=False)
+    assert "in use" not in str(e.value)
+    assert (work / workdir_lock.LOCK_NAME).read_text().startswith(f"{os.getpid()}@")
+    workdir_lock.release(str(work / workdir_lock.LOCK_NAME))

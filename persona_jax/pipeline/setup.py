@@ -13,7 +13,8 @@ import jax
 from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
 from persona_jax.io.atomic import atomic_open
-from persona_jax.io.distributed import writer_only
+from persona_jax.io import workdir_lock
+from persona_jax.io.distributed import is_writer, writer_only
 from persona_jax.finetune import lora as flora
 from persona_jax.finetune.trainer import TrainConfig
 
@@ -86,9 +87,15 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     source = trait_source(cfg)
     check_inputs(source, cfg)
     os.makedirs(workdir, exist_ok=True)
-    judge = make_judge(cfg.judge, workdir, progress=bool(cfg.progress)) if need_judge else None
-    if judge is not None and cfg.judge.kind == "openai":
-        probe_judge(judge)
+    lock = workdir_lock.acquire(workdir) if is_writer() else None
+    try:
+        judge = make_judge(cfg.judge, workdir, progress=bool(cfg.progress)) if need_judge else None
+        if judge is not None and cfg.judge.kind == "openai":
+            probe_judge(judge)
+    except BaseException:
+        if lock:  # a run that stops here leaves no lock behind
+            workdir_lock.release(lock)
+        raise
     _write_config(os.path.join(workdir, "config.json"), cfg.to_dict())
     model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg), scan_decode=cfg.scan_decode)
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
