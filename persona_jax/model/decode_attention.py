@@ -19,12 +19,12 @@ from jax.experimental import pallas as pl
 BLOCK = 128  # ring columns per step of the online softmax (ragged granularity)
 
 
-def _kernel(span_ref, qpos_ref, q_ref, k_ref, v_ref, valid_ref, pos_ref, o_ref, *,
-            block, n_blocks, scale, softcap, window):
+def _kernel(span_ref, qpos_ref, window_ref, q_ref, k_ref, v_ref, valid_ref, pos_ref, o_ref, *,
+            block, n_blocks, scale, softcap):
     # span_ref [B, 2] (start column, live length), qpos_ref [B] (query position)
     b = pl.program_id(0)
     start, length = span_ref[b, 0], span_ref[b, 1]
-    qpos = qpos_ref[b]
+    qpos, window = qpos_ref[b], window_ref[0]
     first = start // block
     # blocks the span touches; a wrapped full ring would reach its first block again
     count = jnp.minimum((start % block + length + block - 1) // block, n_blocks)
@@ -37,8 +37,7 @@ def _kernel(span_ref, qpos_ref, q_ref, k_ref, v_ref, valid_ref, pos_ref, o_ref, 
         k = k_ref[0, 0, :, pl.ds(off, block)].astype(jnp.float32)  # [hd, blk]
         v = v_ref[0, 0, pl.ds(off, block), :].astype(jnp.float32)  # [blk, hd]
         ok = valid_ref[0, pl.ds(off, block)] != 0  # [blk]
-        if window:
-            ok &= (qpos - pos_ref[0, pl.ds(off, block)]) < window
+        ok &= (window == 0) | ((qpos - pos_ref[0, pl.ds(off, block)]) < window)
         s = jnp.dot(q, k, preferred_element_type=jnp.float32) * scale  # [G, blk]
         if softcap:
             s = jnp.tanh(s / softcap) * softcap
@@ -65,8 +64,8 @@ def ragged_decode_attention(q, k, v, kv_valid, kv_pos, q_pos, span, *, scale, so
     q [B, Hq, hd]; k [B, KV, hd, S]; v [B, KV, S, hd]; kv_valid [B, S] bool;
     kv_pos [B, S] int (each column's position); q_pos [B] int (the new token's position);
     span [B, 2] int: (first live column, live length), the live columns being
-    (start + i) mod S for i < length (a ring: the span may wrap). `window` (static, 0 = none)
-    keeps keys with q_pos - kv_pos < window; `softcap` caps scaled scores (Gemma 2).
+    (start + i) mod S for i < length (a ring: the span may wrap). `window` (int, may be traced,
+    as in scanned layers; 0 = none) keeps keys with q_pos - kv_pos < window; `softcap` caps scaled scores (Gemma 2).
     Returns [B, Hq, hd] in q's dtype. interpret defaults to True on CPU.
     """
     b, hq, hd = q.shape
@@ -78,13 +77,13 @@ def ragged_decode_attention(q, k, v, kv_valid, kv_pos, q_pos, span, *, scale, so
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     kern = functools.partial(_kernel, block=block, n_blocks=s // block, scale=float(scale),
-                             softcap=float(softcap) if softcap else None, window=int(window))
+                             softcap=float(softcap) if softcap else None)
     whole = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
     out = pl.pallas_call(
         kern,
         grid=(b, kvh),
         in_specs=[
-            whole((b, 2)), whole((b,)),
+            whole((b, 2)), whole((b,)), whole((1,)),
             pl.BlockSpec((1, 1, g, hd), lambda i, h: (i, h, 0, 0)),
             pl.BlockSpec((1, 1, hd, s), lambda i, h: (i, h, 0, 0)),
             pl.BlockSpec((1, 1, s, hd), lambda i, h: (i, h, 0, 0)),
@@ -94,6 +93,7 @@ def ragged_decode_attention(q, k, v, kv_valid, kv_pos, q_pos, span, *, scale, so
         out_specs=pl.BlockSpec((1, 1, g, hd), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kvh, g, hd), q.dtype),
         interpret=interpret,
-    )(span.astype(jnp.int32), q_pos.astype(jnp.int32), q.reshape(b, kvh, g, hd), k, v,
+    )(span.astype(jnp.int32), q_pos.astype(jnp.int32),
+      jnp.asarray(window, jnp.int32).reshape(1), q.reshape(b, kvh, g, hd), k, v,
       kv_valid.astype(jnp.int32), kv_pos.astype(jnp.int32))
     return out.reshape(b, hq, hd)
