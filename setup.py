@@ -28,6 +28,7 @@ setup(
     extras_require={
         # peft: the adapter interop reference; pytest-xdist: the suite runs on 2 workers
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13"],
+        "docs": ["sphinx>=8", "myst-parser>=4"],  # the docs site (docs/, built by .ci/run with -W)
         "parquet": ["pyarrow>=14"],  # capability items in .parquet (cais/mmlu's own files)
     },
 )

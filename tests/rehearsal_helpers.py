@@ -1,5 +1,5 @@
 """What the rehearsal of the real-model path needs besides the README: the commands of the
-README's `<!-- rehearsal` block, trait files and datasets in the reference's layouts
+`<!-- rehearsal` block of docs/real_model.md, trait files and datasets in the reference's layouts
 (our own text), and the deterministic judge the local OpenAI-compatible server plays.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- rehearsal"
 
 
-def readme_commands(readme: Path = REPO / "README.md") -> list[str]:
+def readme_commands(readme: Path = REPO / "docs" / "real_model.md", marker: str = MARKER) -> list[str]:
     """The commands of the first code block after the marker: continuation lines joined,
     comments and blank lines dropped. Each is a bash command line with $VARIABLES."""
     text = readme.read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(text) if MARKER in line)
+    start = next(i for i, line in enumerate(text) if marker in line)
     block, inside = [], False
     for line in text[start + 1:]:
         if line.startswith("```"):

@@ -1,5 +1,5 @@
 """The real-model path rehearsed end to end (issue 15): every command of the README's
-`<!-- rehearsal` block, read from README.md, run as a subprocess through its CLI on a tiny
+`<!-- rehearsal` block, read from docs/real_model.md, run as a subprocess through its CLI on a tiny
 random checkpoint with a byte-level BPE tokenizer (every byte a token, so sampled replies
 hold NUL, CR, other control bytes and partial UTF-8), trait files and datasets in the
 reference's layouts written here, and a local OpenAI-compatible judge whose scores are a
@@ -96,6 +96,15 @@ def test_readme_block_names_every_runner_and_has_a_budget():
         assert r in runners, f"the README's rehearsal block lacks experiments.{r}"
     assert sum(r == "finetune" for r in runners) == 2  # LoRA, and LoRA with preventative steering
     assert set(runners) <= set(BUDGET), "a README command without a budget entry here"
+
+
+def test_readme_five_commands_are_rehearsed():
+    """The README's "your own checkpoint in five commands" block is a subset of the
+    rehearsed block (docs/real_model.md), command for command, so the rehearsal runs them."""
+    five = readme_commands(REPO / "README.md", marker="<!-- own-checkpoint")
+    assert len(five) == 5
+    for command in five:
+        assert command in COMMANDS, f"README command not rehearsed: {command}"
 
 
 # gemma2's 8-token windows hide the system prompt from 2 of its 3 layers: one sampled pair
