@@ -27,6 +27,8 @@ from persona_jax.io.atomic import atomic_path
 from persona_jax.errors import PersonaError
 from persona_jax.io.distributed import writer_only
 
+#: The method's three reductions of a hidden state over a (prompt, response) (METHOD.md 5):
+#: the mean over the prompt's tokens, its last token, the mean over the response's tokens.
 REDUCTIONS = ("prompt_avg", "prompt_last", "response_avg")
 FORMAT_VERSION = 1
 _REF_NAME = re.compile(r"^(?P<trait>.+)_(?P<reduction>prompt_avg|prompt_last|response_avg)_diff$")
@@ -67,9 +69,13 @@ class PersonaVector:
 
     @property
     def hidden_size(self) -> int:
+        """D, the width of each row."""
         return self.array.shape[1]
 
+    @property
     def metadata(self) -> dict:
+        """The JSON metadata stored beside the array (trait, reduction, model id, L, D,
+        samples kept, config), as plain JSON types."""
         return {
             "format_version": FORMAT_VERSION,
             "trait": self.trait,
@@ -166,7 +172,7 @@ def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: boo
         with ckptr:
             ckptr.save(target, ocp.args.Composite(
                 vector=ocp.args.StandardSave({"array": vec.array}),
-                metadata=ocp.args.JsonSave(vec.metadata())))
+                metadata=ocp.args.JsonSave(vec.metadata)))
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -397,3 +403,28 @@ def load_any(
     name_trait, name_reduction = parse_vector_filename(path)
     return PersonaVector(arr, trait=trait or name_trait, reduction=reduction or name_reduction,
                          config={"source": str(path)})
+
+
+SAVERS = {".pt": export_pt, ".npy": export_npy, ".gguf": export_gguf}  # by file suffix
+
+
+def save_any(vec: PersonaVector | Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save a vector by the path's type: `.pt` (the reference's tensor), `.npy`, `.gguf`
+    (a llama.cpp control vector: rows 2..L only, see `export_gguf`), anything else an
+    Orbax directory with metadata (`save_vector`). `load_any` reads each back as a
+    `PersonaVector`; only the Orbax directory keeps trait, reduction and config.
+
+    vec: a `PersonaVector` or a float [L+1, D] array (trait and reduction then come from
+    a reference-style file name). An existing path is replaced only with `overwrite=True`.
+    """
+    path = Path(path)
+    if not isinstance(vec, PersonaVector):
+        trait, reduction = parse_vector_filename(path)
+        vec = PersonaVector(np.asarray(vec), trait=trait, reduction=reduction)
+    if path.suffix not in SAVERS:
+        return save_vector(vec, path, overwrite=overwrite)
+    if path.exists() and not overwrite:
+        raise PersonaError(f"vector file {path} already exists; pass overwrite=True or choose another path.")
+    if path.suffix == ".gguf":  # the model id travels as the file's model_hint
+        return export_gguf(vec.array, path, vec.model_id)
+    return SAVERS[path.suffix](vec.array, path)

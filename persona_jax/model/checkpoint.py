@@ -35,6 +35,8 @@ class Model:
     (`generate_arrays`): decode with the scanned decoder, which holds the weights once,
     instead of per-layer buffers. The continuous-batching engine, which runs every other
     generation, always holds them once.
+    steering: `Steering`s that `generate`, `capture` and `forward` (and everything built
+    on them) apply on every call, before any given there; set by `pj.steer`.
     """
 
     config: DecoderConfig
@@ -43,9 +45,11 @@ class Model:
     mesh: Mesh | None = None
     name: str = ""
     scan_decode: bool = False
+    steering: tuple = ()
 
     @property
     def dtype(self):
+        """The params' dtype (float32 or bfloat16), which is also the compute dtype."""
         return self.params["embed_tokens"]["embedding"].dtype
 
     @property

@@ -25,6 +25,8 @@ from persona_jax.steering import interceptor as iv
 from persona_jax.errors import PersonaError
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
 from persona_jax.steering.spec import Steering, as_list, position_masks, steering_arrays, validate_all
+from persona_jax.runtime.steered import attached
+from persona_jax.steering.grid import SteeringGrid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,15 +271,19 @@ def _generate_arrays(config, params, tokens, mask, row_keys, temperature, top_k,
 
 @dataclasses.dataclass
 class Generation:
+    """What `generate(..., return_tokens=True)` returns: the texts, the new token ids of
+    each input (EOS included when emitted) and the rendered prompts."""
+
     texts: list[str]
     tokens: list[list[int]]  # new tokens per input, EOS included when emitted
     prompts: list[str]
 
 
-def render_prompts(model, inputs) -> list[str]:
-    """Chat conversations (lists of {role, content}) -> template text; strings pass through."""
+def render_prompts(model, inputs, who: str = "generate") -> list[str]:
+    """Chat conversations (lists of {role, content}) -> template text with the generation
+    prompt; strings pass through. `who` names the caller in errors."""
     if isinstance(inputs, (str, dict)):
-        raise PersonaError("generate expects a list of prompts or conversations, not a single one")
+        raise PersonaError(f"{who} expects a list of prompts or conversations, not a single one")
     out = []
     for x in inputs:
         if isinstance(x, str):
@@ -312,7 +318,10 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
       seed: results are a deterministic function of (seed, input index).
       steering: one `Steering` or several (applied together); per-row coefficients
         follow the order of `inputs`. `Steering.site` "attn" / "mlp" steers the
-        attention / MLP output of a block (vector [L, D], row i = block i).
+        attention / MLP output of a block (vector [L, D], row i = block i). A
+        `Steering.grid` runs each of its (layer, coef) cells on every input and returns
+        its labelled table (a pandas DataFrame: layer, coef, prompt, input, text).
+        Steerings the model carries (`pj.steer`) apply too, first.
       batch_size: decode slots of the continuous-batching engine (`runtime/engine.py`):
         a finished row's slot takes the next input at once.
       return_tokens: return a `Generation` (texts, token ids, prompts) instead of texts.
@@ -324,6 +333,11 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
     prompts = render_prompts(model, inputs)
     if not prompts:
         raise PersonaError("generate got an empty list of inputs")
+    if isinstance(steering, SteeringGrid):  # each cell on every input, one request stream
+        limits = max_new_tokens if np.ndim(max_new_tokens) == 0 else steering.inputs(max_new_tokens)
+        out = generate(model, steering.inputs(prompts), limits, temperature, top_p, top_k, min_new_tokens,
+                       seed, steering.steering(len(prompts)), batch_size, False, progress)
+        return steering.table(prompts, out)
     if np.ndim(max_new_tokens) == 0:
         limits = [int(max_new_tokens)] * len(prompts)
     else:
@@ -338,7 +352,7 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
     for i, s in enumerate(ids):
         if not s:
             raise PersonaError(f"input {i} tokenizes to zero tokens")
-    steerings = as_list(steering)
+    steerings = attached(model) + as_list(steering)
     site_rows = apply.steering_sites(model.config)
     validate_all(steerings, model.num_layers, model.hidden_size, len(prompts), site_rows)
     tok = model.require_tokenizer()

@@ -175,15 +175,31 @@ def locate(site: Site, model: nn.Module, variables, *args, **kwargs) -> Layout:
     return Layout(tuple(entries))
 
 
-def site_arrays(steerings, layout: Layout | int, hidden_size: int, batch: int, mask=None,
-                phase: st.Phase = "prefill") -> dict:
-    """`Steering`s (vectors [N, D], one row per site instance) -> the arrays one site
-    needs: row arrays {add_vec [N, K, D], add_coef [N, K, B], abl_dir, abl_coef} and,
-    when `mask` ([B, T] 1 = real token) is given, per-call position masks
-    {add_pos [K, B, T], abl_pos [J, B, T]} (see `spec.position_masks`). Without a mask
-    every position is steered, which is what positions="all" means."""
+def implied_batch(steerings, mask=None) -> int:
+    """The batch a site's arrays need: the mask's rows, else the largest per-row
+    coefficient count (or sweep length) of the steerings, else 1 (a [K, 1] coefficient
+    broadcasts over any batch)."""
+    if mask is not None:
+        return int(np.shape(mask)[0])
+    sizes = [len(s.rows_layers) if s.rows_layers is not None else np.size(s.coef) for s in steerings]
+    return max(sizes + [1])
+
+
+def site_arrays(steerings, layout: Layout | int, hidden_size: int | None = None, batch: int | None = None,
+                mask=None, phase: st.Phase = "prefill") -> dict:
+    """`Steering`s (vectors [N, D] with one row per site instance, or one direction [D]
+    for `layer`) -> the arrays one site needs: row arrays {add_vec [N, K, D],
+    add_coef [N, K, B], abl_dir, abl_coef} and, when `mask` ([B, T] 1 = real token) is
+    given, per-call position masks {add_pos [K, B, T], abl_pos [J, B, T]} (see
+    `spec.position_masks`). Without a mask every position is steered, which is what
+    positions="all" means. hidden_size defaults to the vectors' width, batch to
+    `implied_batch` (B = 1 when every coefficient is one number: it broadcasts)."""
     rows = layout.rows if isinstance(layout, Layout) else int(layout)
     steerings = [dataclasses.replace(s, site=None) for s in st.as_list(steerings)]  # the one site of the call
+    if hidden_size is None:
+        hidden_size = int(np.shape(steerings[0].vector)[-1]) if steerings else 0
+    if batch is None:
+        batch = implied_batch(steerings, mask)
     for s in steerings:
         s.validate(rows - 1, hidden_size, batch)
         if mask is None and s.positions != "all":

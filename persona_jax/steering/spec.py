@@ -27,7 +27,8 @@ Phase = Literal["prefill", "decode", "train"]
 
 @dataclasses.dataclass
 class Steering:
-    """Steer with `vector` [L+1, D] (a persona vector, one row per hidden state).
+    """Steer with `vector` [L+1, D] (a persona vector, one row per hidden state), a
+    `PersonaVector`, or one direction [D] used at whichever layer(s) `layer` names.
 
     layer: hidden-state index l in 0..L (adds to block l-1's output; 0 = embeddings), or a
       sequence of them for multi-layer steering (every listed layer, every row).
@@ -49,6 +50,26 @@ class Steering:
     rows_layers: Sequence[int] | None = None
     site: str | None = None
 
+    def __post_init__(self):
+        self.vector = getattr(self.vector, "array", self.vector)  # a PersonaVector steers as its array
+
+    def rows(self, num_layers: int) -> np.ndarray:
+        """The vector as [L+1, D] float32: a [D] direction is repeated on every row (only
+        the rows of steered layers have a non-zero coefficient, so this is the same as
+        placing it at `layer`)."""
+        v = np.asarray(self.vector, np.float32)
+        return np.broadcast_to(v, (num_layers + 1, v.shape[0])) if v.ndim == 1 else v
+
+    @classmethod
+    def grid(cls, vector, layers: Sequence[int], coefs: Sequence[float], positions="all", kind="add"):
+        """Every (layer, coef) of `layers` x `coefs` over a list of prompts, as a
+        `SteeringGrid`: `pj.generate(model, prompts, n, steering=grid)` runs every cell on
+        every prompt in one batched call and returns a pandas DataFrame with columns
+        layer, coef, prompt (its index), input and text, one row per (cell, prompt).
+        `vector`: [L+1, D], a `PersonaVector` or a [D] direction."""
+        from persona_jax.steering.grid import SteeringGrid
+        return SteeringGrid(vector, tuple(int(l) for l in layers), tuple(float(c) for c in coefs), positions, kind)
+
     @classmethod
     def sweep(cls, vector, layers: Sequence[int], coefs: Sequence[float], positions="all", kind="add"):
         """One row per (layer, coef) pair: `layers[b]`, `coefs[b]` for row b."""
@@ -58,10 +79,11 @@ class Steering:
 
     def validate(self, num_layers: int, hidden_size: int, batch: int | None = None):
         v = np.asarray(self.vector)
-        if v.ndim != 2 or v.shape != (num_layers + 1, hidden_size):
+        if v.shape not in ((num_layers + 1, hidden_size), (hidden_size,)):
             raise PersonaError(
                 f"steering vector has shape {tuple(v.shape)} but this model needs ({num_layers + 1}, {hidden_size}) "
-                "(one row per hidden state, layers+1 rows)")
+                f"(one row per hidden state, layers+1 rows) or ({hidden_size},) (one direction for `layer`)")
+        v = self.rows(num_layers)
         if not np.all(np.isfinite(v)):
             raise PersonaError("steering vector contains NaN or inf")
         layers = self.rows_layers if self.rows_layers is not None else np.atleast_1d(self.layer)
@@ -143,7 +165,7 @@ def _site_arrays(steerings: Sequence[Steering], num_layers: int, rows: np.ndarra
             continue
         vecs, coefs = [], []
         for s in terms:
-            v = np.asarray(s.vector, np.float32)
+            v = s.rows(num_layers)
             if kind == "ablate":
                 norms = np.linalg.norm(v, axis=-1, keepdims=True)
                 v = v / np.where(norms == 0, 1, norms)
