@@ -206,6 +206,21 @@ def test_unparsable_tuple_flag_is_one_line(layout):
     assert not (layout / "work").exists()
 
 
+@pytest.mark.parametrize("flags_, match", [
+    (["--config.stear.coefs=(0.0,1.0)"], "error: --config.stear.coefs: the config has no field 'stear'; Did you mean \"steer\""),
+    (["--config.judge.max_retriez=1"], "error: --config.judge.max_retriez: the config has no field 'max_retriez'"),
+    (["--config.steer.coefs=(0,1)", "--config.steer.coefs=(0,1e999)"], "error: --config.steer.coefs is given twice"),
+])
+def test_unknown_field_and_repeated_tuple_flag_are_one_line(layout, flags_, match):
+    proc = subprocess.run([sys.executable, "-m", "experiments.steer", "--config=configs/organism.py",
+                           f"--workdir={layout / 'work'}", *flags_],
+                          cwd=REPO, env=env_for({}), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(match), proc.stderr
+    assert not (layout / "work").exists()
+
+
 def test_busy_workdir_names_the_other_process(layout):
     import os
     import socket

@@ -30,13 +30,56 @@ def fail(message) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+def _override_name(arg: str) -> str | None:
+    """'config.steer.coefs' for '--config.steer.coefs=(0,1)' (None for other arguments)."""
+    if not arg.startswith("--config."):
+        return None
+    return arg[2:].split("=", 1)[0]
+
+
+def _refuse_repeated_tuples(argv) -> None:
+    """absl joins a tuple override given twice ((0,1) then (0,1e999) ran [0,1,0,inf]);
+    neither value is what the user meant alone, so a repeated tuple override is refused."""
+    seen = {}
+    for arg in argv[1:]:
+        name = _override_name(arg)
+        if name is None or "=" not in arg:
+            continue
+        value = arg.split("=", 1)[1].strip()
+        if value[:1] in "([" and value:
+            if name in seen:
+                fail(f"--{name} is given twice ({seen[name]} and {value}); a tuple override is "
+                     "not replaced but joined, so give it once")
+            seen[name] = value
+
+
+def _unknown_field(argv, e) -> str:
+    """One line for an override naming a field the config does not have (ml_collections
+    raises KeyError / AttributeError from inside flag parsing)."""
+    text = str(e.args[0]) if e.args else str(e)
+    name, _, hint = text.partition("\n")
+    name = name.strip().strip("'\"")
+    for arg in argv[1:]:
+        over = _override_name(arg)
+        if over and name in over.split("."):
+            hint = f"; {hint.strip()}" if hint.strip() else ""
+            return (f"--{over}: the config has no field {name!r}{hint} (the fields are those of "
+                    "the config file and configs/base.py)")
+    return f"the config has no field {name!r}"
+
+
 def _parse_flags(argv):
+    _refuse_repeated_tuples(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(f"{e} (pass --helpshort to list the flags)")
     except PersonaError as e:  # e.g. raised by a config file's get_config()
         fail(e)
+    except (KeyError, AttributeError) as e:  # an override of a field the config lacks
+        if any(_override_name(a) for a in argv[1:]):
+            fail(_unknown_field(argv, e))
+        raise
 
 
 def _enable_compilation_cache(path) -> None:
