@@ -29,6 +29,8 @@ def get_config():
         api_key_env="OPENAI_API_KEY",
         aggregation="0_100",
         max_concurrency=32,
+        timeout=60.0,  # seconds per request; a judge that hangs is given up on after
+        max_retries=6,  # about timeout * (max_retries + 1) plus the backoff
         local_model="",  # kind=local: checkpoint of the judging model
         local_dtype="bfloat16",
     ))

@@ -32,7 +32,7 @@ class FakeOpenAIServer:
       responder: prompt -> [(token, logprob)] for the top-logprobs of the one token, or
         prompt -> str for a plain text reply without logprobs (generator tests).
       script: actions for the first requests, in arrival order: "429", "500", "401",
-        "nologprobs", ("hang", seconds), "hang" (hold the reply until the next request
+        "nologprobs", "cutjson" (HTTP 200, the JSON body cut in half), ("hang", seconds), "hang" (hold the reply until the next request
         arrives or the server stops: a client timeout, whatever its length, then a retry) or
         "ok". Later requests are "ok".
       delay: seconds every successful reply waits before it is sent.
@@ -146,8 +146,10 @@ class FakeOpenAIServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, code: int, payload: dict):
+            def _send(self, code: int, payload: dict, cut: bool = False):
                 data = json.dumps(payload).encode()
+                if cut:  # HTTP 200 with a body cut off mid-JSON (a proxy that drops the tail)
+                    data = data[: len(data) // 2]
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
@@ -203,7 +205,7 @@ class FakeOpenAIServer:
                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
                                          for t, lp in top],
                     }]}
-                self._send(200, {
+                self._send(200, cut=action == "cutjson", payload={
                     "id": "chatcmpl-test", "object": "chat.completion",
                     "created": int(time.time()), "model": body.get("model", "m"),
                     "choices": [{

@@ -156,6 +156,38 @@ def test_retries_exhausted_is_persona_error(api_key):
         assert srv.n_requests == 3
 
 
+def test_cut_off_json_reply_is_retried_then_one_error(api_key):
+    # HTTP 200 with half a JSON body: retried like a 5xx, and after the last attempt one
+    # PersonaError (was an 85-line JSONDecodeError traceback on the first reply)
+    with FakeOpenAIServer(script=["cutjson", "cutjson"]) as srv:
+        judge = OpenAIJudge("m", base_url=srv.url, max_retries=2, retry_base_delay=0.01, progress=False)
+        assert judge.trait_scores("evil", RUBRIC, ["q"], ["a <<12>>"]) == [12.0]
+        assert srv.n_requests == 3
+    with FakeOpenAIServer(script=["cutjson"] * 3) as srv:
+        judge = OpenAIJudge("m", base_url=srv.url, max_retries=2, retry_base_delay=0.01, progress=False)
+        with pytest.raises(PersonaError, match="not the API's JSON"):
+            judge.trait_scores("evil", RUBRIC, ["q"], ["a"])
+        assert srv.n_requests == 3
+
+
+def test_config_judge_timeout_and_max_retries_bound_a_hanging_judge(api_key, tmp_path):
+    # the config's judge.timeout / judge.max_retries reach the judge: a server that holds
+    # every reply for 30 s is given up on after about timeout * (max_retries + 1)
+    from configs import base
+    from persona_jax.pipeline import setup
+    cfg = base.get_config().judge
+    assert (cfg.timeout, cfg.max_retries) == (60.0, 6)
+    with FakeOpenAIServer(script=[("hang", 30)] * 3) as srv:
+        cfg.base_url, cfg.model, cfg.timeout, cfg.max_retries = srv.url, "m", 0.5, 1
+        judge = setup.make_judge(cfg, str(tmp_path), progress=False)
+        judge.retry_base_delay = 0.01
+        t0 = time.monotonic()
+        with pytest.raises(PersonaError, match="did not answer after 2 attempts"):
+            judge.trait_scores("evil", RUBRIC, ["q"], ["a"])
+        assert time.monotonic() - t0 < 10
+        assert srv.n_requests == 2
+
+
 def test_unreachable_endpoint_is_persona_error_naming_url(api_key):
     url = f"http://127.0.0.1:{free_port()}/v1"
     judge = OpenAIJudge("m", base_url=url, max_retries=2, retry_base_delay=0.01,

@@ -280,6 +280,11 @@ class OpenAIJudge(Judge):
                     top_logprobs=20,
                     seed=0,
                 )
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+                # HTTP 200 whose body is cut off or not the API's JSON: a proxy or an
+                # overloaded server; another attempt usually gets a whole reply
+                last = f"a reply that is not the API's JSON ({_short(str(e))})"
+                continue
             except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError) as e:
                 reason = retry_reason(e, self.timeout)
                 if reason is not None:
@@ -304,7 +309,7 @@ class OpenAIJudge(Judge):
         raise PersonaError(
             f"judge endpoint {url} did not answer after {self.max_retries + 1} attempts (last: "
             f"{last}); check that the server is running and base_url is right, or raise "
-            "max_retries/timeout."
+            "max_retries/timeout (the config's judge.max_retries / judge.timeout)."
         )
 
 
