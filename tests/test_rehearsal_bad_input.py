@@ -4,6 +4,7 @@ flagging steps on real datasets, without a model run: each mistake is one Person
 file is written; the dataset choice for prevention follows the config or the measured trait;
 the pipeline's files are written by process 0 only."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,20 @@ def layout(tmp_path):
     return tmp_path
 
 
+def _header_only_checkpoint(d: Path) -> Path:
+    """A directory that passes the pre-load checkpoint check (config.json, a whole
+    safetensors file) but is no model: every check below comes before the model is loaded."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"x": np.zeros((4, 4), np.float32)}, str(d / "model.safetensors"))
+    return d
+
+
 def _cfg(root: Path, url: str = "http://127.0.0.1:9/v1", **steps):
     cfg = qwen25_7b_evil.get_config()
-    cfg.model = str(root / "no_model_needed")  # every check below comes before the model is loaded
+    cfg.model = str(_header_only_checkpoint(root / "model"))
     cfg.trait_dir = str(root / "traits")
     cfg.judge.base_url = url
     cfg.steps = ("extract", "steer", "monitor", "finetune", "flagging")
@@ -218,6 +230,52 @@ def test_unknown_field_and_repeated_tuple_flag_are_one_line(layout, flags_, matc
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(match), proc.stderr
+    assert not (layout / "work").exists()
+
+
+@pytest.mark.parametrize("where, match", [
+    ("file", "is a file, not a folder"),
+    ("under_file", "which is a file, not a folder"),
+    ("read_only", "is not writable"),  # /sys is read-only even for root
+])
+def test_workdir_problems_are_one_line_before_writing(layout, where, match):
+    if where == "file":
+        work = layout / "work"
+        work.write_text("not a folder")
+    elif where == "under_file":
+        (layout / "afile").write_text("x")
+        work = layout / "afile" / "work"
+    else:
+        if os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):
+            pytest.skip("no read-only filesystem to write under")
+        work = Path("/sys/persona_jax_test_work")
+    cfg = _cfg(layout)
+    cfg.steps = ("extract",)
+    with pytest.raises(PersonaError, match=match) as e:
+        setup.setup(cfg, str(work), need_judge=False)
+    assert "\n" not in str(e.value)
+    assert not (work.is_dir() and any(work.iterdir()))
+
+
+def test_truncated_checkpoint_stops_before_anything_is_written(layout, monkeypatch):
+    """config.json and judge_cache.sqlite were left in the workdir by a checkpoint that
+    failed to load after the judge probe; now the checkpoint is checked first."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    model = layout / "truncated"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"w": np.ones((64, 64), np.float32)}, str(model / "model.safetensors"))
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with FakeOpenAIServer() as srv:
+        cfg = _cfg(layout, srv.url)
+        cfg.model = str(model)
+        with pytest.raises(PersonaError, match="truncated") as e:
+            setup.setup(cfg, str(layout / "work"))
+        assert srv.n_requests == 0
+    assert "\n" not in str(e.value)
     assert not (layout / "work").exists()
 
 

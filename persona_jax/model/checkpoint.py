@@ -106,6 +106,26 @@ def _resolve_dir(path_or_id: str) -> str:
         raise PersonaError(f"could not find {path_or_id} locally or in the Hugging Face cache ({type(e).__name__}); download it first or pass a local directory") from None
 
 
+def check_checkpoint(path_or_id: str) -> str:
+    """What `load_model` would refuse, found without reading a weight: the directory, a
+    readable config.json, and every safetensors file's header and size (a truncated file
+    fails here). Lets a runner stop before it writes anything. Returns the directory."""
+    d = _resolve_dir(path_or_id)
+    cfg_path = os.path.join(d, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise PersonaError(f"{d} has no config.json; it is not a Hugging Face model directory")
+    try:
+        with open(cfg_path) as f:
+            json.load(f)
+    except ValueError as e:
+        raise PersonaError(f"{cfg_path} is not valid JSON ({e})") from None
+    for path in sorted(set(_weight_files(d).values())):
+        if not os.path.isfile(path):
+            raise PersonaError(f"weight file {path} named by the index is missing")
+        SafetensorsFile(path)  # parses the header; refuses a file shorter than it says
+    return d
+
+
 def _weight_files(d: str) -> dict[str, str]:
     """tensor name -> file, from the index when sharded."""
     index = os.path.join(d, "model.safetensors.index.json")

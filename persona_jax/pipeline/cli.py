@@ -56,6 +56,8 @@ def _refuse_repeated_tuples(argv) -> None:
 def _unknown_field(argv, e) -> str:
     """One line for an override naming a field the config does not have (ml_collections
     raises KeyError / AttributeError from inside flag parsing)."""
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+        e = e.args[0]
     text = str(e.args[0]) if e.args else str(e)
     name, _, hint = text.partition("\n")
     name = name.strip().strip("'\"")

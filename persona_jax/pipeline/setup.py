@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
 import jax
 
@@ -79,6 +80,7 @@ def check_config(cfg) -> None:
 def setup(cfg, workdir: str, need_judge: bool = True):
     """Initialise devices and return (model, judge or None, trait source)."""
     from persona_jax.model import load_model
+    from persona_jax.model.checkpoint import check_checkpoint
 
     sh.maybe_initialize_distributed(bool(cfg.distributed))
     # Everything a user can get wrong is checked before the first file is written or the
@@ -86,8 +88,13 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     check_config(cfg)
     source = trait_source(cfg)
     check_inputs(source, cfg)
-    os.makedirs(workdir, exist_ok=True)
-    lock = workdir_lock.acquire(workdir) if is_writer() else None
+    check_checkpoint(model_path(cfg))
+    check_workdir(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = workdir_lock.acquire(workdir) if is_writer() else None
+    except OSError as e:
+        raise PersonaError(f"workdir {workdir} cannot be written ({e.strerror or e}); name a folder you can write") from None
     try:
         judge = make_judge(cfg.judge, workdir, progress=bool(cfg.progress)) if need_judge else None
         if judge is not None and cfg.judge.kind == "openai":
@@ -100,6 +107,28 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg), scan_decode=cfg.scan_decode)
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
     return model, judge, source
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir is a folder, or can be made one, and a file can be written in it (or in
+    its nearest existing parent): checked before anything is written."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PersonaError(f"workdir {workdir} is a file, not a folder; name a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PersonaError(f"workdir {workdir} is under {existing}, which is a file, not a folder")
+    probe = os.path.join(existing, f".persona_jax_write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        what = f"workdir {workdir} is not writable" if existing == path else \
+            f"workdir {workdir} cannot be made: {existing} is not writable"
+        raise PersonaError(f"{what} ({e.strerror or e}); name a folder you can write") from None
 
 
 def check_inputs(source, cfg) -> None:
