@@ -49,7 +49,7 @@ def _release_compiled_programs():
 # The tests that take minutes, longest first (measured with `--durations` in `.ci/run`):
 # started first, so the two workers end together instead of one running the organism's
 # fine-tuning alone at the end. Each fragment matches a scheduling unit (below).
-SLOW_FIRST = ("test_organism_finetune.py", "test_rehearsal.py", "test_rehearsal_families.py",
+SLOW_FIRST = ("test_organism_finetune.py", "test_rehearsal.py",
               "test_organism_real_path.py", "test_organism.py", "test_gpu_bench_smoke.py", "test_engine.py")
 
 

@@ -8,7 +8,7 @@ deterministic function of the text.
 Targets: the two paper configs with the model path overridden (Qwen2.5 evil on a tiny
 qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command here; every
 other family of `persona_jax.testing.FAMILY_CLASSES` runs every command too, under
-configs/base.py, in tests/test_rehearsal_families.py. Each target is a unit of its own on
+configs/base.py (test_readme_command_on_family). Each target is a unit of its own on
 the test workers (tests/conftest.py). Only the sample budgets are made small (flags
 appended to the README's command line).
 """
@@ -210,6 +210,13 @@ def _run(env: _Env, command: str):
 
 @pytest.mark.parametrize("target,index", CASES)
 def test_readme_command(envs, target, index):
+    run_and_check(envs, target, index)
+
+
+@pytest.mark.parametrize("target,index", cases(FAMILY_TARGETS))
+def test_readme_command_on_family(envs, target, index):
+    """Every command on every other supported family, under configs/base.py, with the same
+    trait files, datasets, judge server and checks as the paper configs."""
     run_and_check(envs, target, index)
 
 
