@@ -56,6 +56,8 @@ _JUDGE_KEY = flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environ
 _JUDGE_LOCAL = flags.DEFINE_string("judge_local_model", "", "judge=local: checkpoint of the judging model")
 _AGGREGATION = flags.DEFINE_enum("aggregation", "0_100", ["0_100", "0_10", "binary"], "trait score aggregation")
 _CONCURRENCY = flags.DEFINE_integer("max_concurrent_judges", 32, "judge requests in flight")
+_JUDGE_TIMEOUT = flags.DEFINE_float("judge_timeout", 60.0, "seconds per judge request before it is retried")
+_JUDGE_RETRIES = flags.DEFINE_integer("judge_max_retries", 6, "retries per judge request before the run stops")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "start the output afresh instead of resuming it")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "float32 | bfloat16")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "devices on the batch axis (-1: all the model axis leaves)")
@@ -132,7 +134,8 @@ def main(argv):
     judge_cfg = types.SimpleNamespace(kind=_JUDGE.value, model=_JUDGE_MODEL.value, base_url=_JUDGE_URL.value,
                                       api_key_env=_JUDGE_KEY.value, aggregation=_AGGREGATION.value,
                                       max_concurrency=_CONCURRENCY.value, local_model=_JUDGE_LOCAL.value,
-                                      local_dtype=_DTYPE.value)
+                                      local_dtype=_DTYPE.value, timeout=_JUDGE_TIMEOUT.value,
+                                      max_retries=_JUDGE_RETRIES.value)
 
     maybe_initialize_distributed(_DISTRIBUTED.value)
     mesh = runner.mesh_from(types.SimpleNamespace(mesh=types.SimpleNamespace(data=_MESH_DATA.value,

@@ -58,6 +58,8 @@ _JUDGE_MODEL = flags.DEFINE_string("judge_model", "gpt-4.1-mini-2025-04-14", "ju
 _JUDGE_URL = flags.DEFINE_string("judge_base_url", "", "OpenAI-compatible endpoint (empty: api.openai.com)")
 _JUDGE_KEY = flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "environment variable with the API key")
 _JUDGE_LOCAL = flags.DEFINE_string("judge_local_model", "", "judge=local: checkpoint of the judging model")
+_JUDGE_TIMEOUT = flags.DEFINE_float("judge_timeout", 60.0, "seconds per judge request before it is retried")
+_JUDGE_RETRIES = flags.DEFINE_integer("judge_max_retries", 6, "retries per judge request before the run stops")
 _AGGREGATION = flags.DEFINE_enum("aggregation", "0_100", ["0_100", "0_10", "binary"], "trait score aggregation")
 _LABELS = flags.DEFINE_string("labels", None, "optional JSON list of 0/1 per sample of --data (1 = trait "
                               "sample): AUROC of each score and precision / recall of each filter")
@@ -169,7 +171,7 @@ def main(argv):
         judge = runner.make_judge(types.SimpleNamespace(
             kind=_JUDGE.value, model=_JUDGE_MODEL.value, base_url=_JUDGE_URL.value, api_key_env=_JUDGE_KEY.value,
             aggregation=_AGGREGATION.value, max_concurrency=32, local_model=_JUDGE_LOCAL.value,
-            local_dtype=_DTYPE.value), wd)
+            local_dtype=_DTYPE.value, timeout=_JUDGE_TIMEOUT.value, max_retries=_JUDGE_RETRIES.value), wd)
 
     def screen(recs):
         kw = dict(batch_size=_BATCH.value, progress=True)

@@ -125,7 +125,7 @@ def test_empty_response_is_skipped_with_warning(llama_ckpt, llama_model, caplog)
 
 
 def test_bad_input(llama_model):
-    with pytest.raises(pj.PersonaError, match="2 prompts but 1 responses"):
+    with pytest.raises(pj.PersonaError, match="2 prompts but 1 as responses"):
         capture(llama_model, PROMPTS[:2], RESPONSES[:1])
     with pytest.raises(pj.PersonaError, match="empty"):
         capture(llama_model, [], [])

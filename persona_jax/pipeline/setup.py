@@ -168,7 +168,7 @@ def make_judge(cfg, workdir: str, progress: bool = True):
         from persona_jax.judges.openai_judge import OpenAIJudge
         return OpenAIJudge(cfg.model, base_url=cfg.base_url or None, api_key_env=cfg.api_key_env,
                            aggregation=cfg.aggregation, max_concurrency=int(cfg.max_concurrency),
-                           timeout=float(cfg.get("timeout", 60.0)), max_retries=int(cfg.get("max_retries", 6)),
+                           timeout=float(cfg.timeout), max_retries=int(cfg.max_retries),
                            cache_path=os.path.join(workdir, "judge_cache.sqlite"), progress=progress)
     if cfg.kind == "local":
         from persona_jax.judges.local_judge import LocalJudge
