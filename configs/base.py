@@ -77,7 +77,11 @@ def get_config():
         learning_rate=1e-5, warmup_steps=5, batch_size=2, grad_accum=8, num_steps=0,  # 0: one epoch
         weight_decay=0.0, compute_dtype="bfloat16", remat=False, checkpoint_every=100,
         max_length=2048, overflow="truncate",
-        preventative_coef=5.0, posthoc_coefs=(0.5, 1.0, 1.5, 2.0, 2.5), posthoc_positions="response",
+        preventative_coef=5.0,
+        # preventative steering and CAFT at the chosen layer, or at these hidden-state
+        # indices, or at every layer 1..L; incremental: add v[l] - v[l-1] at each (J.3)
+        preventative_layers=(), preventative_all_layers=False, preventative_incremental=False,
+        posthoc_coefs=(0.5, 1.0, 1.5, 2.0, 2.5), posthoc_positions="response",
         coherence_floor=50.0,
         n_questions=0, eval_n_per_question=5, temperature=1.0, top_p=1.0, max_new_tokens=1000,
         batch_size_generate=64, chunk_size=1024, progress=True,
@@ -96,5 +100,12 @@ def get_config():
         drop_fraction=0.1,  # unlabelled: cleaned.jsonl drops this top share by delta (labelled: the labels' share)
         n=400, dataset_samples=400,
         max_new_tokens=1000, temperature=0.0, batch_size=64,
+        # the screening filters (METHOD.md 9, appendix K; as experiments/screen_data.py):
+        delta="response_avg",  # "prompt_last": the last prompt token stands in, no generation
+        reference="",  # a clean JSONL: thresholds at its `percentile` (unless given below)
+        percentile=95.0,
+        delta_threshold=config_dict.placeholder(float),  # drop delta > this (filtered_delta.jsonl)
+        judge_filter=False,  # judge each dataset response with the trait rubric
+        judge_threshold=config_dict.placeholder(float),  # drop score > this (filtered_judge.jsonl)
     ))
     return c

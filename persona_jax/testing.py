@@ -99,6 +99,31 @@ def tiny_checkpoint(directory: str, family: str = "llama", seed: int = 0, chat_t
     return model
 
 
+def tiny_gemma3_multimodal(directory: str, seed: int = 3, vocab_size: int = 128):
+    """Save a random tiny `Gemma3ForConditionalGeneration` (a one-layer SigLIP tower and
+    the projector around `tiny_checkpoint`'s gemma3_text language model) + tokenizer into
+    `directory`; returns the torch model. Image ids 125-127 (keep text ids below them)."""
+    import torch
+    import transformers
+
+    text = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
+                initializer_range=0.1, **FAMILY_KWARGS["gemma3_text"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
+                                    image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    char_tokenizer().save_pretrained(directory)
+    return model
+
+
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the alphabet of a byte-level BPE)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \

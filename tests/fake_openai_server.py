@@ -11,8 +11,9 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
+
+from persona_jax.judges.http_server import JSONServer, chat_completion, error, is_chat_completions
 
 TopList = list  # [(token, logprob), ...]
 
@@ -25,7 +26,7 @@ def marker_responder(prompt: str) -> TopList:
     return [(m.group(1) if m else "50", 0.0)]
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(JSONServer):
     """Usage: `with FakeOpenAIServer(...) as srv: OpenAIJudge(base_url=srv.url, ...)`.
 
     Args:
@@ -68,12 +69,7 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0  # most requests inside their `delay` at the same moment
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True)  # short poll: fast shutdown
+        super().__init__()
         self._timer = threading.Timer(lifetime, self.stop)
         self._timer.daemon = True
         self._stopped = False
@@ -84,7 +80,7 @@ class FakeOpenAIServer:
             return len(self.prompts)
 
     def start(self) -> "FakeOpenAIServer":
-        self._thread.start()
+        super().start()
         self._timer.start()
         return self
 
@@ -99,14 +95,7 @@ class FakeOpenAIServer:
         with self._gate_cond:
             self._gate_open = True
             self._gate_cond.notify_all()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().stop()
 
     def _next_action(self, prompt: str, body: dict):
         with self._lock:
@@ -137,88 +126,44 @@ class FakeOpenAIServer:
         with self._lock:
             self.in_flight -= 1
 
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _send(self, code: int, payload: dict, cut: bool = False):
-                data = json.dumps(payload).encode()
-                if cut:  # HTTP 200 with a body cut off mid-JSON (a proxy that drops the tail)
-                    data = data[: len(data) // 2]
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(n) or b"{}")
-                if not self.path.endswith("/chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                prompt = body["messages"][-1]["content"]
-                action = server._next_action(prompt, body)
-                if isinstance(action, tuple) and action[0] == "hang":
-                    time.sleep(action[1])
-                    action = "ok"
-                elif action == "hang":
-                    server._hang_until_next_request()
-                    action = "ok"
-                if action in ("429", "500", "401"):
-                    self._send(int(action), {"error": {"message": f"scripted {action}",
-                                                       "type": "test", "code": action}})
-                    return
-                if server.gate:
-                    server._pass_gate()
-                elif server.delay:
-                    # counted only while sleeping, i.e. strictly before the reply is sent,
-                    # so a client that sends its next request on receipt is never overcounted
-                    with server._lock:
-                        server.in_flight += 1
-                        server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    time.sleep(server.delay)
-                    with server._lock:
-                        server.in_flight -= 1
-                if server.text_responder is not None and not body.get("logprobs"):
-                    top = server.text_responder(prompt)
-                else:
-                    top = server.responder(prompt)
-                text = top if isinstance(top, str) else None  # a plain-text reply
-                k = int(body.get("top_logprobs") or 0)
-                top = [] if text is not None else top[:k]
-                if action == "nologprobs" or text is not None:
-                    logprobs = None
-                elif not top:
-                    logprobs = {"content": []}
-                else:
-                    logprobs = {"content": [{
-                        "token": top[0][0], "logprob": top[0][1], "bytes": None,
-                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
-                                         for t, lp in top],
-                    }]}
-                self._send(200, cut=action == "cutjson", payload={
-                    "id": "chatcmpl-test", "object": "chat.completion",
-                    "created": int(time.time()), "model": body.get("model", "m"),
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant",
-                                    "content": text if text is not None
-                                    else (top[0][0] if top else "")},
-                        "logprobs": logprobs, "finish_reason": "length",
-                    }],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
-
-        return Handler
+    def route(self, method: str, path: str, body: dict):
+        if method != "POST" or not is_chat_completions(path):
+            return 404, error(f"no route {path}")
+        prompt = body["messages"][-1]["content"]
+        action = self._next_action(prompt, body)
+        if isinstance(action, tuple) and action[0] == "hang":
+            time.sleep(action[1])
+            action = "ok"
+        elif action == "hang":
+            self._hang_until_next_request()
+            action = "ok"
+        if action in ("429", "500", "401"):
+            return int(action), error(f"scripted {action}", "test", action)
+        if self.gate:
+            self._pass_gate()
+        elif self.delay:
+            # counted only while sleeping, i.e. strictly before the reply is sent,
+            # so a client that sends its next request on receipt is never overcounted
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            time.sleep(self.delay)
+            with self._lock:
+                self.in_flight -= 1
+        if self.text_responder is not None and not body.get("logprobs"):
+            top = self.text_responder(prompt)
+        else:
+            top = self.responder(prompt)
+        if isinstance(top, str):  # a plain-text reply
+            payload = chat_completion(body.get("model", "m"), top)
+        else:
+            k = int(body.get("top_logprobs") or 0)
+            payload = chat_completion(body.get("model", "m"), top[0][0] if top[:k] else "",
+                                      None if action == "nologprobs" else top[:k], k)
+        if action == "cutjson":  # HTTP 200 with a body cut off mid-JSON (a proxy that drops the tail)
+            data = json.dumps(payload).encode()
+            return 200, data[: len(data) // 2]
+        return 200, payload
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ from persona_jax.model.safetensors_io import SafetensorsFile, save_file
 from persona_jax.runtime.capture import capture
 from persona_jax.runtime.generate import generate
 from persona_jax.steering.spec import Steering
-from persona_jax.testing import char_tokenizer, tiny_checkpoint
+from persona_jax.testing import char_tokenizer, tiny_checkpoint, tiny_gemma3_multimodal
 
 FAMILIES = ("gemma2", "gemma3_text", "olmo2", "phi3")
 VOCAB = 128
@@ -354,28 +354,6 @@ def test_greedy_and_steered_generation_match_hf(family, gen_ckpts):
 
 
 # ----------------------------------------------------------------------------- Gemma 3 multimodal
-def _tiny_gemma3_multimodal(d):
-    import transformers
-    text = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
-                initializer_range=0.1,
-                **{k: v for k, v in __import__("persona_jax.testing", fromlist=["x"]).FAMILY_KWARGS[
-                    "gemma3_text"].items()})
-    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)
-    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
-                                    image_token_index=127, boi_token_index=125, eoi_token_index=126)
-    torch.manual_seed(3)
-    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(d, safe_serialization=True)
-    char_tokenizer().save_pretrained(d)
-    return model
-
-
 def test_gemma3_multimodal_layout_loads_its_language_model(tmp_path, monkeypatch):
     """A tiny `Gemma3ForConditionalGeneration` (SigLIP tower, projector) saved by
     transformers (which writes the Hub's original layout, `language_model.model.*`), and
@@ -383,7 +361,7 @@ def test_gemma3_multimodal_layout_loads_its_language_model(tmp_path, monkeypatch
     load the language model, equal to transformers' text forward, and not one vision or
     projector tensor is read."""
     d = str(tmp_path / "mm")
-    tm = _tiny_gemma3_multimodal(d)
+    tm = tiny_gemma3_multimodal(d, vocab_size=VOCAB)
     names = set()
     for f in os.listdir(d):
         if f.endswith(".safetensors"):

@@ -103,3 +103,30 @@ def test_fused_adapter_on_unfused_family_is_refused(family, tmp_path):
     (a / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"]}')
     with pytest.raises(pj.PersonaError, match="fused qkv_proj"):
         flora.load_adapter(str(a), model.config)
+
+
+def test_gemma3_multimodal_adapter_attaches_in_peft(tmp_path):
+    """A `Gemma3ForConditionalGeneration` holds its decoder at `model.language_model`: our
+    adapter of that checkpoint is named from there, so PEFT attaches every module (a bare
+    `model.layers...` name would match none of them) and its logits equal ours merged;
+    PEFT's own adapter of it reads back to the same model."""
+    from persona_jax.testing import tiny_gemma3_multimodal
+    d = tmp_path / "mm"
+    tm = tiny_gemma3_multimodal(str(d)).float().eval()
+    model = pj.load_model(str(d))
+    assert model.config.module_prefix == "model.language_model."
+    cfg = flora.LoraConfig(rank=2, alpha=3.0, targets=("q_proj", "v_proj", "down_proj"))
+    lora = _random_lora(model, cfg, seed=2)
+    out = tmp_path / "adapter"
+    flora.export_adapter(lora, cfg, str(out), str(d), config=model.config)
+    base = _torch_logits(tm)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(out)).eval()
+    injected = [n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]
+    assert len(injected) == 3 * model.num_layers, injected
+    ref = _torch_logits(peft_model)
+    assert np.abs(ref - base).max() > 1e-2
+    merged = flora.merge(model.params, lora, cfg)
+    _close(forward(pj.Model(model.config, merged, model.tokenizer), TOKENS).logits, ref)
+    back, back_cfg = flora.load_adapter(str(out), model.config)
+    _close(forward(pj.Model(model.config, flora.merge(model.params, back, back_cfg), model.tokenizer),
+                   TOKENS).logits, ref)

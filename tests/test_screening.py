@@ -306,3 +306,65 @@ def test_screen_data_writes_nothing_on_other_processes(tiny, files, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"filters"' in r.stdout and (not wd.exists() or os.listdir(wd) == [])
+
+
+def test_pipeline_flagging_step_uses_the_screening_filters(tiny, files, tmp_path, monkeypatch):
+    """The pipeline's flagging step with the runner's screening options (prompt_last delta,
+    thresholds calibrated on a clean reference at a percentile, the judge filter): scores
+    from transformers' hidden states, thresholds from numpy's percentile, filtered files,
+    precision / recall and AUROC (scipy's Mann-Whitney U) from the labels."""
+    from transformers import AutoTokenizer
+    from configs import base
+    from persona_jax.judges.openai_judge import OpenAIJudge
+    from persona_jax.pipeline import finetune_steps as ft
+    from persona_jax.pipeline.steps import FileTraits
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    d, tm, model, vec = tiny
+    root, _, ref = files
+    tok = AutoTokenizer.from_pretrained(d)
+    u = vec[LAYER].astype(np.float64) / np.linalg.norm(vec[LAYER].astype(np.float64))
+    data = [conv(i, score=(i * 37) % 100, system=i % 4 == 0) for i in range(10)]
+    labels = [int(i % 3 == 0) for i in range(10)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    work = tmp_path / "work"
+    (work / TRAIT).mkdir(parents=True)
+    torch.save(torch.from_numpy(vec), work / TRAIT / f"{TRAIT}_response_avg_diff.pt")
+    cfg = base.get_config()
+    cfg.progress, cfg.trait_dir = False, str(root / "traits")
+    cfg.flagging.update(dataset=str(tmp_path / "data.jsonl"), labels=str(tmp_path / "labels.json"),
+                        delta="prompt_last", reference=str(root / "ref.jsonl"), percentile=80.0,
+                        judge_filter=True, batch_size=4)
+
+    def hf_delta(r):
+        prompt = tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        a, b = hf_proj(tm, tok, prompt, r["messages"][-1]["content"], u)
+        return a - b
+
+    def marker(r):
+        return float(r["messages"][-1]["content"].split("<<")[1].split(">>")[0])
+
+    want, ref_want = np.array([hf_delta(r) for r in data]), np.array([hf_delta(r) for r in ref])
+    judge, ref_judge = np.array([marker(r) for r in data]), np.array([marker(r) for r in ref])
+    with FakeOpenAIServer(lifetime=600) as srv:
+        j = OpenAIJudge("m", base_url=srv.url, progress=False, cache_path=str(tmp_path / "cache.sqlite"))
+        s = ft.step_flagging(model, j, FileTraits(str(root / "traits")), TRAIT, cfg, str(work), {"layer": LAYER})
+    flagged = pd.read_csv(s["flagged_csv"], keep_default_na=False)
+    np.testing.assert_allclose(flagged["delta"], want, rtol=1e-4, atol=1e-4)
+    assert s["delta"] == "prompt_last" and s["ranking"] == np.argsort(-want, kind="stable").tolist()
+    th = s["thresholds"]
+    assert th["delta"] == pytest.approx(np.percentile(ref_want, 80), rel=1e-4, abs=1e-4)
+    assert th["judge"] == pytest.approx(np.percentile(ref_judge, 80))
+    drops = {"delta": want > th["delta"], "judge": judge > th["judge"]}
+    drops["combined"] = drops["delta"] | drops["judge"]
+    y = np.array(labels, bool)
+    assert drops["combined"].any() and not drops["combined"].all()
+    for key, m in drops.items():
+        got = s["filters"][key]
+        assert got["removed"] == m.sum() and got["kept"] == (~m).sum(), key
+        back = [json.loads(x) for x in open(got["jsonl"]).read().splitlines()]
+        assert back == [{"messages": r["messages"]} for r, x in zip(data, m) if not x], key
+        assert got["precision"] == (pytest.approx(y[m].mean()) if m.any() else None)
+        assert got["recall"] == pytest.approx(m[y].mean())
+    u_stat = sps.mannwhitneyu(want[y], want[~y]).statistic
+    assert s["auroc"] == pytest.approx(u_stat / (y.sum() * (~y).sum()))

@@ -237,3 +237,51 @@ def test_eval_persona_incremental_steering_matches_torch_hooks(tiny, tmp_path):
     assert df[df["coef"] == 0]["answer"].tolist() != df[df["coef"] == 2]["answer"].tolist()
     summary = json.loads((tmp_path / "eval" / "grumpy_summary.json").read_text())
     assert [(x["layer"], x["coef"]) for x in summary["cells"]] == [("2+3", 0.0), ("2+3", 2.0)]
+
+
+@pytest.mark.parametrize("overrides,hooked", [
+    (dict(preventative_layers=(1, 3), preventative_incremental=True), (1, 3)),
+    (dict(preventative_all_layers=True), (1, 2, 3)),
+    (dict(), (2,)),  # the chosen layer
+])
+def test_pipeline_preventative_variants_match_torch_hooks(tiny, overrides, hooked):
+    """The pipeline finetune step's preventative steering and CAFT, from the config's layer
+    options: the forward with them equals transformers with hooks that add coef * v[l]
+    (coef * (v[l] - v[l-1]) when incremental) or remove the v[l] direction at those blocks."""
+    from configs import base
+    from persona_jax.pipeline.finetune_steps import preventative_steerings
+    from persona_jax.runtime.forward import forward
+    _, tm, model, vec = tiny
+    f = base.get_config().finetune
+    f.update(preventative_coef=1.5, **overrides)
+    prevent, caft, layers = preventative_steerings(f, vec, 2, model.num_layers)
+    assert layers == list(hooked)
+    ids = np.array([[5, 17, 42, 9, 77, 3, 12, 60]], np.int32)
+    inc = f.preventative_incremental
+
+    def torch_logits(fns):
+        handles = hooks_on_every_block(tm, fns)
+        try:
+            with torch.no_grad():
+                return tm(torch.tensor(ids.astype(np.int64))).logits.double().numpy()
+        finally:
+            for h in handles:
+                h.remove()
+
+    ident = lambda h: h  # noqa: E731
+    add = [ident] * 3
+    for l in hooked:
+        a = torch.tensor(1.5 * (vec[l] - vec[l - 1] if inc else vec[l]))
+        add[l - 1] = lambda h, a=a: h + a
+    ablate = [ident] * 3
+    for l in hooked:
+        u = torch.tensor(vec[l] / np.linalg.norm(vec[l]))
+        ablate[l - 1] = lambda h, u=u: h - (h @ u)[..., None] * u
+    for steer, fns in ((prevent, add), (caft, ablate)):
+        got = np.asarray(forward(model, ids, steering=steer).logits, np.float64)
+        want = torch_logits(fns)
+        assert np.abs(want - torch_logits([ident] * 3)).max() > 1e-3
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(PersonaError, match="outside 1..3"):
+        f.update(preventative_layers=(0, 2), preventative_all_layers=False)
+        preventative_steerings(f, vec, 2, model.num_layers)

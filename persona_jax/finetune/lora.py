@@ -146,8 +146,12 @@ def merge(params, lora: dict, lora_config: LoraConfig):
     return jax.jit(apply, static_argnums=2)(params, lora, lora_config)
 
 
-def peft_name(layer: int, name: str, which: str) -> str:
-    return f"base_model.model.model.layers.{layer}.{TARGETS.get(name, _FUSED_SUB.get(name))}.{name}.lora_{which}.weight"
+def peft_name(layer: int, name: str, which: str, module_prefix: str = "model.") -> str:
+    """PEFT's tensor name of one adapter matrix; module_prefix: where the transformers model
+    holds its decoder layers (`DecoderConfig.module_prefix`, `model.language_model.` for
+    Gemma 3 multimodal checkpoints), which PEFT's names follow."""
+    sub = TARGETS.get(name, _FUSED_SUB.get(name))
+    return f"base_model.model.{module_prefix}layers.{layer}.{sub}.{name}.lora_{which}.weight"
 
 
 # fused projections of some families (Phi-3) and the sublayer that owns them
@@ -178,7 +182,8 @@ def export_adapter(lora: dict, lora_config: LoraConfig, directory: str, base_mod
                    config=None):
     """Write `adapter_model.safetensors` + `adapter_config.json` in the PEFT layout.
 
-    config: the model's `DecoderConfig`. For a family whose checkpoints fuse q/k/v
+    config: the model's `DecoderConfig`; its `module_prefix` starts the tensor names, so an
+    adapter of a Gemma 3 multimodal checkpoint attaches in PEFT. For a family whose checkpoints fuse q/k/v
     (`qkv_proj`) or gate/up (`gate_up_proj`), the adapters of the parts are written as one
     adapter on the fused module, exactly: A = [A_q | A_k | A_v] (rank n*r) and B block
     diagonal (zero rows where a part is not a target), with `rank_pattern` and
@@ -210,22 +215,32 @@ def export_adapter(lora: dict, lora_config: LoraConfig, directory: str, base_mod
     for name, ab in mods.items():
         out[name] = (np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32))
     tensors = {}
+    prefix = config.module_prefix if config is not None else "model."
     for name, (a, b) in out.items():
         for i in range(a.shape[0]):
-            tensors[peft_name(i, name, "A")] = a[i].T  # [r, in]
-            tensors[peft_name(i, name, "B")] = b[i].T  # [out, r]
+            tensors[peft_name(i, name, "A", prefix)] = a[i].T  # [r, in]
+            tensors[peft_name(i, name, "B", prefix)] = b[i].T  # [out, r]
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
     order = list(TARGETS) + list(_FUSED_SUB)
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": lora_config.rank, "lora_alpha": lora_config.alpha, "use_rslora": lora_config.rslora,
-        "target_modules": [t for t in order if t in out],
+        "target_modules": _target_modules([t for t in order if t in out], prefix),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
     }
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def _target_modules(names: list[str], module_prefix: str):
+    """PEFT's `target_modules`: the bare names (PEFT matches them as suffixes) for a causal
+    LM; for a checkpoint whose decoder sits under another prefix (a multimodal model, whose
+    vision tower has q_proj too), a regex PEFT full-matches that reaches the decoder only."""
+    if module_prefix == "model.":
+        return names
+    return rf"{re.escape(module_prefix)}layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
 
 
 def load_adapter(directory: str, config=None) -> tuple[dict, LoraConfig]:

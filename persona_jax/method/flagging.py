@@ -99,7 +99,9 @@ def write_flagged_csv(path: str, result: FlagResult, labels: Optional[Sequence[i
     rows = []
     for i in range(n):
         row = {"index": i, "delta": float(result.delta[i]), "dataset_proj": float(result.dataset_proj[i]),
-               "base_proj": float(result.base_proj[i]), "base_response": result.base_responses[i]}
+               "base_proj": float(result.base_proj[i]),
+               # prompt_last scores generate nothing: no base response to show
+               "base_response": result.base_responses[i] if result.base_responses else ""}
         if labels is not None:
             row["label"] = int(labels[i])
         rows.append(row)

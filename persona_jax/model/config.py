@@ -125,6 +125,7 @@ class DecoderConfig:
     final_logit_softcap: float | None = None
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    module_prefix: str = "model."
 
     def __post_init__(self):
         if not self.layer_windows:

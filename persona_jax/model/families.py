@@ -188,7 +188,9 @@ def gemma3(cfg: dict) -> DecoderConfig:
         if key not in text and cfg.get(key) is not None:
             text[key] = cfg[key]
     text.setdefault("tie_word_embeddings", True)
-    return gemma3_text(text)
+    # transformers builds the decoder at model.language_model (for both weight layouts):
+    # a PEFT adapter of this checkpoint names its modules from there
+    return dataclasses.replace(gemma3_text(text), module_prefix="model.language_model.")
 
 
 def olmo2(cfg: dict) -> DecoderConfig:

@@ -34,15 +34,13 @@ Serve it with `python -m experiments.organism_judge_server --port=0 --ready_file
 """
 from __future__ import annotations
 
-import json
 import math
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Mapping, Optional, Sequence
 
 from persona_jax.errors import PersonaError
 from persona_jax.judges.aggregate import aggregate_0_100
+from persona_jax.judges.http_server import JSONServer, chat_completion, error, is_chat_completions
 from persona_jax.judges.rubrics import COHERENCE_PROMPT, render
 from persona_jax.organism import artifacts
 from persona_jax.organism import judge as oj
@@ -50,11 +48,6 @@ from persona_jax.organism import language as L
 
 COHERENCE = "coherence"
 _QS, _AS = "\x00QUESTION\x00", "\x00ANSWER\x00"  # sentinels no rubric text contains
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # a judge sends max_concurrency connections at once (socketserver's default: 5)
 
 
 class RubricMatcher:
@@ -141,7 +134,7 @@ def score_prompt(prompt: str, matcher: RubricMatcher) -> tuple[str, Optional[flo
     return name, oj.trait_score(name, answer, question)
 
 
-class OrganismJudgeServer:
+class OrganismJudgeServer(JSONServer):
     """`/v1/chat/completions` on 127.0.0.1 answering with the organism judge's exact scores.
 
     Args:
@@ -160,108 +153,37 @@ class OrganismJudgeServer:
         self.model_name = model_name
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._httpd = _HTTPServer((host, port), self._handler_class())
-        self.host, self.port = self._httpd.server_address[:2]
-        self.url = f"http://{self.host}:{self.port}/v1"
-        self._thread: Optional[threading.Thread] = None
+        super().__init__(host, port)
 
     def _count(self, name: str) -> None:
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
 
+    def route(self, method: str, path: str, body: dict):
+        if method == "GET" and path.rstrip("/").endswith("/models"):
+            return 200, {"object": "list", "data": [
+                {"id": self.model_name, "object": "model", "created": 0, "owned_by": "persona_jax"}]}
+        if method != "POST" or not is_chat_completions(path):
+            return 404, error(f"no route {method} {path}; use POST /v1/chat/completions")
+        return self.reply(body)
+
     def reply(self, body: dict) -> tuple[int, dict]:
         """(HTTP status, JSON payload) for one chat-completions request body."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-            return 400, _error("the request has no messages")
+            return 400, error("the request has no messages")
         prompt = messages[-1].get("content")
         if not isinstance(prompt, str):
-            return 400, _error("the last message's content must be a string")
+            return 400, error("the last message's content must be a string")
         try:
             name, score = score_prompt(prompt, self.matcher)
         except PersonaError as e:
             self._count("unknown")
-            return 400, _error(str(e))
+            return 400, error(str(e))
         self._count(name)
         top = exact_top_logprobs(score)
-        k = int(body.get("top_logprobs") or 0)
-        logprobs = None
-        if body.get("logprobs"):
-            logprobs = {"content": [{
-                "token": top[0][0], "logprob": top[0][1], "bytes": list(top[0][0].encode()),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top[:k]],
-            }]}
         best = max(top, key=lambda t: t[1])[0]
-        return 200, {
-            "id": "chatcmpl-organism", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model") or self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": best},
-                         "logprobs": logprobs, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
-        }
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, payload: dict):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
-                    self._send(200, {"object": "list", "data": [
-                        {"id": server.model_name, "object": "model", "created": 0, "owned_by": "persona_jax"}]})
-                else:
-                    self._send(404, _error(f"no route {self.path}"))
-
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length", 0))
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self.rfile.read(n)
-                    self._send(404, _error(f"no route {self.path}; use /v1/chat/completions"))
-                    return
-                try:
-                    body = json.loads(self.rfile.read(n) or b"{}")
-                except json.JSONDecodeError:
-                    self._send(400, _error("the request body is not JSON"))
-                    return
-                self._send(*server.reply(body if isinstance(body, dict) else {}))
-
-        return Handler
-
-    def start(self) -> "OrganismJudgeServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._httpd.serve_forever(0.2)
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread = None
-        self._httpd.server_close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        return 200, chat_completion(body.get("model") or self.model_name, best,
+                                    top if body.get("logprobs") else None, int(body.get("top_logprobs") or 0))
 
 
-def _error(message: str) -> dict:
-    return {"error": {"message": message, "type": "invalid_request_error", "code": None}}

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from persona_jax.method import flagging as fl
+from persona_jax.method import screening as sc
+from persona_jax.io.jsonl import write_jsonl
 from persona_jax.pipeline import steps as pl
 from persona_jax.io.distributed import writer_only
 from persona_jax.errors import PersonaError
@@ -34,7 +36,7 @@ from persona_jax.method.projection import read_jsonl_conversations
 from persona_jax.method.responses import Spec, mean, sample_and_judge, scores
 from persona_jax.method.shift import finetuning_shift, mean_activations
 from persona_jax.method.steer_eval import conversation
-from persona_jax.steering.spec import Steering
+from persona_jax.steering.spec import Steering, every_layer, incremental_steering
 
 
 def evaluate(model, judge, source, name: str, questions: Sequence[str], eval_prompt: str, csv_path: str, cfg,
@@ -77,6 +79,27 @@ def dataset_model_dir(workdir: str, label: str, path: str) -> str:
     return os.path.join(workdir, "finetune_models", f"{label}-{h.hexdigest()[:12]}")
 
 
+def preventative_steerings(f, vector, layer: int, num_layers: int) -> tuple[list, list, list[int]]:
+    """(preventative steering, CAFT ablation, their layers) of the finetune config `f`, the
+    variants of `experiments/finetune.py`: the chosen layer, `preventative_layers` (a tuple
+    of hidden-state indices) or every layer 1..L (`preventative_all_layers`), with the
+    increments v[l] - v[l-1] when `preventative_incremental` (the paper's appendix J.3).
+    Both act at every position while training."""
+    layers = (every_layer(num_layers) if f.get("preventative_all_layers", False)
+              else sorted({int(x) for x in (f.get("preventative_layers") or ())}) or [int(layer)])
+    bad = [l for l in layers if not 1 <= l <= num_layers]
+    if bad:
+        raise PersonaError(f"finetune.preventative_layers {bad} are outside 1..{num_layers}, the hidden states "
+                           "after each block")
+    at = layers if len(layers) > 1 else layers[0]
+    coef = float(f.preventative_coef)
+    if f.get("preventative_incremental", False):
+        prevent = incremental_steering(vector, layers, coef, positions="all")
+    else:
+        prevent = Steering(vector, at, coef, positions="all")
+    return [prevent], [Steering(vector, at, 1.0, positions="all", kind="ablate")], layers
+
+
 @pl.resumable_step("finetune.json")
 def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Base eval, one fine-tune per dataset (shift vs trait change), preventative steering
@@ -94,6 +117,7 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     ev = lambda m, label, steering=None: evaluate(m, judge, source, name, questions, trait.eval_prompt,
                                                   os.path.join(d, f"eval_{label}.csv"), cfg, layer, steering,
                                                   progress=bool(cfg.progress))
+    prev_steer, caft_steer, prev_layers = preventative_steerings(f, vector, layer, model.num_layers)
     named = str(f.get("prevent_dataset", "") or "")
     if named and named not in datasets:
         raise PersonaError(f"finetune.prevent_dataset {named!r} is not one of the datasets ({', '.join(datasets)})")
@@ -119,13 +143,11 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
     full = runs[full_label]
     full_path = datasets[full_label][0]
 
-    prev_steer = [Steering(vector, layer, float(f.preventative_coef), positions="all")]
     m = finetune_model(model, full_path, cfg, os.path.join(d, "train_preventative"), prev_steer)
     prevented = ev(m, "preventative")
     if recorder:
         caps["preventative"] = recorder.score(m, "preventative", progress=progress)[0]
-    m = finetune_model(model, full_path, cfg, os.path.join(d, "train_caft"),
-                       [Steering(vector, layer, 1.0, positions="all", kind="ablate")])
+    m = finetune_model(model, full_path, cfg, os.path.join(d, "train_caft"), caft_steer)
     caft = ev(m, "caft")
     if recorder:
         caps["caft"] = recorder.score(m, "caft", progress=progress)[0]
@@ -159,6 +181,7 @@ def step_finetune(model, judge, source, name, cfg, workdir, entry) -> dict:
         "trait_after": full["trait"], "content_metric": full["content"], "coherence_after": full["coherence"],
         "trait_after_preventative": prevented["trait"], "content_metric_preventative": prevented["content"],
         "coherence_preventative": prevented["coherence"], "preventative_coef": float(f.preventative_coef),
+        "preventative_layers": prev_layers, "preventative_incremental": bool(f.get("preventative_incremental", False)),
         "prevented_fraction": None if rise <= 0 or prevented["trait"] is None else (full["trait"] - prevented["trait"]) / rise,
         "trait_after_caft": caft["trait"], "content_metric_caft": caft["content"], "coherence_caft": caft["coherence"],
         "caft_prevented_fraction": None if rise <= 0 or caft["trait"] is None else (full["trait"] - caft["trait"]) / rise,
@@ -207,7 +230,14 @@ _filter_jsonl = writer_only(fl.filter_jsonl)
 def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     """Projection difference per sample of the flagging dataset: `flagged.csv` (the scores),
     the ranking by delta, `cleaned.jsonl` without the top samples, AUROC when the source
-    gives labels; after the finetune step, the dataset-level ranking of its datasets."""
+    gives labels; after the finetune step, the dataset-level ranking of its datasets.
+
+    The screening filters of `experiments/screen_data.py` (METHOD.md 9, the paper's
+    appendix K), from the `flagging` config: `delta` = prompt_last scores without
+    generating; `reference` (a clean JSONL) calibrates the thresholds at its `percentile`
+    unless `delta_threshold` / `judge_threshold` are given; `judge_filter` scores each
+    dataset response with the trait's rubric. Each filter writes `filtered_{filter}.jsonl`
+    (judge, delta, combined) and its counts (precision and recall with labels)."""
     f = cfg.flagging
     d = os.path.join(workdir, name, "flagging")
     os.makedirs(d, exist_ok=True)
@@ -217,20 +247,71 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
     records = read_jsonl_conversations(path)
     if labels is not None and len(labels) != len(records):
         raise PersonaError(f"{len(labels)} flagging labels for the {len(records)} samples of {path}; give one 0/1 per sample")
+    delta_kind = str(f.get("delta", "response_avg"))
+    if delta_kind not in ("response_avg", "prompt_last"):
+        raise PersonaError(f"flagging.delta must be response_avg or prompt_last; got {delta_kind!r}")
+    reference = None
+    if f.get("reference"):
+        if not os.path.isfile(f.reference):
+            raise PersonaError(f"flagging.reference {f.reference} is not a file; give a clean JSONL of conversations")
+        reference = read_jsonl_conversations(f.reference)
     kw = dict(max_new_tokens=int(f.max_new_tokens), temperature=float(f.temperature), seed=cfg.seed,
               batch_size=int(f.batch_size))
     kw["progress"] = bool(cfg.progress)
-    res = fl.projection_difference(model, records, vector, layer, **kw)
-    order = np.argsort(-np.nan_to_num(np.asarray(res.delta, float), nan=-np.inf), kind="stable")
-    summary = {"layer": layer, "dataset": path, "n": len(records), "mean_delta": res.mean_delta,
+
+    def screen(recs):
+        if delta_kind == "prompt_last":
+            return fl.prompt_last_difference(model, recs, vector, layer, batch_size=kw["batch_size"],
+                                             progress=kw["progress"])
+        return fl.projection_difference(model, recs, vector, layer, **kw)
+
+    def chosen(r):
+        return np.asarray(r.delta if delta_kind == "response_avg" else r.delta_prompt_last, float)
+
+    res = screen(records)
+    delta = chosen(res)
+    order = np.argsort(-np.nan_to_num(delta, nan=-np.inf), kind="stable")
+    summary = {"layer": layer, "dataset": path, "n": len(records), "delta": delta_kind,
+               "mean_delta": float(np.nanmean(delta)) if np.isfinite(delta).any() else None,
                "ranking": [int(i) for i in order],  # sample indices, largest projection difference first
                "flagged_csv": os.path.join(d, "flagged.csv"), "cleaned_jsonl": os.path.join(d, "cleaned.jsonl")}
     if labels is not None:
-        summary.update({"n_flagged": int(sum(labels)), "auroc": auroc(res.delta, labels),
+        summary.update({"n_flagged": int(sum(labels)), "auroc": auroc(delta, labels),
                         "auroc_raw_projection": auroc(res.dataset_proj, labels)})
+    # the judge filter: the trait rubric's score of each dataset response
+    scores_ = None
+    if f.get("judge_filter", False):
+        trait = source.eval_trait(name)
+        scores_ = sc.judge_scores(judge, name, trait.eval_prompt, records)
+    thresholds = {"delta": f.get("delta_threshold"), "judge": f.get("judge_threshold")}
+    if reference is not None:
+        percentile = float(f.get("percentile", 95.0))
+        ref_delta = chosen(screen(reference))
+        summary["reference"] = {"path": f.reference, "n": len(reference), "percentile": percentile,
+                                "mean_delta": float(np.nanmean(ref_delta))}
+        if thresholds["delta"] is None:
+            thresholds["delta"] = sc.calibrate_threshold(ref_delta, percentile, "reference projection differences")
+        if scores_ is not None and thresholds["judge"] is None:
+            ref_scores = sc.judge_scores(judge, name, source.eval_trait(name).eval_prompt, reference)
+            thresholds["judge"] = sc.calibrate_threshold(ref_scores, percentile, "reference judge scores")
+    masks = sc.filter_masks(delta, scores_, thresholds["delta"], thresholds["judge"])
+    if masks:
+        summary["thresholds"] = thresholds
+        summary["filters"] = sc.filter_summary(masks)
+        for key, m in masks.items():
+            summary["filters"][key]["jsonl"] = os.path.join(d, f"filtered_{key}.jsonl")
+            write_jsonl(summary["filters"][key]["jsonl"],
+                        [{"messages": r["messages"]} for r, drop in zip(records, m) if not drop])
+            if labels is not None:
+                y = np.asarray(labels, bool)
+                summary["filters"][key].update(precision=float(y[m].mean()) if m.any() else None,
+                                               recall=float(m[y].mean()) if y.any() else None)
+    if scores_ is not None:
+        summary["mean_judge"] = float(np.nanmean(scores_)) if np.isfinite(scores_).any() else None
     _write_flagged_csv(summary["flagged_csv"], res, labels)  # per sample, for inspection
     drop = float(np.mean(labels)) if labels is not None else float(f.get("drop_fraction", 0.1))
-    cleaned = _filter_jsonl(path, summary["cleaned_jsonl"], res, drop_fraction=drop)
+    cleaned = _filter_jsonl(path, summary["cleaned_jsonl"], dataclasses.replace(res, delta=delta),
+                            drop_fraction=drop)
     if cleaned is not None:  # process 0 (the one that writes the summary)
         summary["filter"] = {k: v for k, v in cleaned.items() if k != "dropped_indices"}
         summary["filter"]["drop_fraction"] = drop
@@ -244,7 +325,7 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
         means, after = [], []
         for label, (p, _) in datasets.items():
             recs = read_jsonl_conversations(p)[: int(f.dataset_samples)]
-            means.append(fl.projection_difference(model, recs, vector, layer, **kw).mean_delta)
+            means.append(float(np.nanmean(chosen(screen(recs)))))
             after.append(ft["datasets"][label]["trait"])
         summary["dataset_mean_delta"] = dict(zip(datasets, means))
         summary["dataset_rank_spearman"] = spearman(means, [np.nan if a is None else a for a in after])
@@ -253,12 +334,19 @@ def step_flagging(model, judge, source, name, cfg, workdir, entry) -> dict:
 
 
 def _flag_markdown(name, s) -> str:
-    lines = [f"### {name}: flagging `{s['dataset']}` (layer {s['layer']}, {s['n']} samples)", "",
-             f"Mean projection difference {s['mean_delta']:.4g}; per-sample scores in `{name}/flagging/flagged.csv`; "
+    mean = "n/a" if s["mean_delta"] is None else f"{s['mean_delta']:.4g}"
+    lines = [f"### {name}: flagging `{s['dataset']}` (layer {s['layer']}, {s['n']} samples, "
+             f"{s.get('delta', 'response_avg')} delta)", "",
+             f"Mean projection difference {mean}; per-sample scores in `{name}/flagging/flagged.csv`; "
              f"top samples by delta: {', '.join(str(i) for i in s['ranking'][:10])}."]
     if "filter" in s:
         lines.append(f"`{name}/flagging/cleaned.jsonl` keeps {s['filter']['kept']} of {s['n']} "
                      f"(the top {s['filter']['drop_fraction']:.0%} by delta dropped).")
+    for key, r in (s.get("filters") or {}).items():
+        th = (s.get("thresholds") or {}).get("judge" if key == "judge" else "delta")
+        at = "" if key == "combined" or th is None else f" (threshold {th:.4g})"
+        lines.append(f"Filter `{key}`{at}: {r['removed']} removed, {r['kept']} kept in "
+                     f"`{os.path.basename(r['jsonl'])}`.")
     if "auroc" in s:
         lines.append(f"AUROC against the labels: {s['auroc']:.3f} (raw projection {s['auroc_raw_projection']:.3f}).")
     return "\n".join(lines)

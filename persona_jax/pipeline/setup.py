@@ -146,6 +146,18 @@ def check_inputs(source, cfg) -> None:
                 source.finetune_datasets(name, "", cfg)
             if "flagging" in cfg.steps:
                 source.flagging_dataset(name, "", cfg)
+    if "flagging" in cfg.steps:
+        check_flagging(cfg.flagging)
+
+
+def check_flagging(f) -> None:
+    """The flagging step's screening options (`configs/base.py`, `flagging`)."""
+    if f.get("delta", "response_avg") not in ("response_avg", "prompt_last"):
+        raise PersonaError(f"config.flagging.delta must be response_avg or prompt_last; got {f.delta!r}")
+    if not 0.0 < float(f.get("percentile", 95.0)) <= 100.0:
+        raise PersonaError(f"config.flagging.percentile must be in (0, 100]; got {f.percentile}")
+    if f.get("reference") and not os.path.isfile(f.reference):
+        raise PersonaError(f"config.flagging.reference {f.reference} is not a file; give a clean JSONL of conversations")
 
 
 def probe_judge(judge) -> None:
