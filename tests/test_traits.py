@@ -279,6 +279,15 @@ def test_openai_llm_retries_under_the_judges_policy(tmp_path, monkeypatch):
         with pytest.raises(PersonaError, match="after 3 attempts .last: HTTP 500"):
             llm("hello")
         assert srv.n_requests == 3
+    # an HTTP 200 reply whose JSON is cut off is retried too, then one error line
+    with FakeOpenAIServer(responder=lambda prompt: gen_answer(), script=["cutjson"]) as srv:
+        llm = openai_llm("gen-model", base_url=srv.url, api_key_env="GEN_KEY", retry_base_delay=0.01)
+        assert json.loads(llm("hello"))["questions"] and srv.n_requests == 2
+    with FakeOpenAIServer(responder=lambda prompt: gen_answer(), script=["cutjson"] * 2) as srv:
+        llm = openai_llm("gen-model", base_url=srv.url, api_key_env="GEN_KEY", max_retries=1,
+                         retry_base_delay=0.01)
+        with pytest.raises(PersonaError, match="after 2 attempts .last: a reply that is not the API's JSON"):
+            llm("hello")
 
 
 def test_provider_errors(monkeypatch):

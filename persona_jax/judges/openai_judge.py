@@ -39,10 +39,14 @@ def backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
 
 def retry_reason(exc, timeout: float) -> Optional[str]:
     """Why a failed OpenAI SDK call may be retried (408/409/429/5xx, a timeout, a lost
-    connection), or None when it may not. The project's one retry policy: the judge and
+    connection, an HTTP 200 reply that is not whole JSON), or None when it may not. The project's one retry policy: the judge and
     the trait-artifact LLM both use it, with the SDK's own retries off."""
     import openai
 
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
+        # HTTP 200 whose body is cut off or not the API's JSON: a proxy or an overloaded
+        # server; another attempt usually gets a whole reply
+        return f"a reply that is not the API's JSON ({_short(str(exc))})"
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         return f"HTTP {code}" if code in _RETRY_STATUS or code >= 500 else None
@@ -281,9 +285,7 @@ class OpenAIJudge(Judge):
                     seed=0,
                 )
             except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
-                # HTTP 200 whose body is cut off or not the API's JSON: a proxy or an
-                # overloaded server; another attempt usually gets a whole reply
-                last = f"a reply that is not the API's JSON ({_short(str(e))})"
+                last = retry_reason(e, self.timeout)
                 continue
             except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError) as e:
                 reason = retry_reason(e, self.timeout)

@@ -507,7 +507,8 @@ def openai_llm(
                 return client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": prompt}],
                     temperature=temperature, max_tokens=max_tokens)
-            except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError) as e:
+            except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError,
+                    openai.APIResponseValidationError, json.JSONDecodeError) as e:
                 last = retry_reason(e, timeout)
                 if last is None:  # not retryable: a refused request
                     raise PersonaError(f"LLM endpoint {client.base_url} refused the request with HTTP "
