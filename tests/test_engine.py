@@ -134,3 +134,30 @@ def test_max_new_tokens_list(llama):
         generate(model, PROMPTS, [4, 4], temperature=0)
     with pytest.raises(pj.PersonaError, match="max_new_tokens"):
         generate(model, PROMPTS, [4, 0, 4, 4, 4, 4], temperature=0)
+
+
+def test_host_key_equals_prng_key():
+    import jax
+    for seed in (0, 1, 7, 12345, 2**31 - 1, -1, -2**31):
+        np.testing.assert_array_equal(engine.host_key(seed), np.asarray(jax.random.PRNGKey(seed)))
+
+
+def test_a_ragged_call_compiles_a_bounded_set_of_programs(llama):
+    """A first ragged, sampled call (prompts of two width buckets, rows ending at EOS or
+    their own limits, short refill groups) obtains at most 6 programs: one decode, one
+    insert per prompt bucket, the state initialiser; the same call again obtains none."""
+    import jax
+    from persona_jax.runtime.compile_count import counting
+    _, _, model = llama
+    rng = np.random.RandomState(3)
+    prompts = ["".join(rng.choice(list("abcdefgh "), rng.randint(2, 24))) for _ in range(37)]
+    limits = [int(x) for x in rng.randint(1, 40, size=len(prompts))]
+    jax.clear_caches()
+    with counting() as first:
+        out = generate(model, prompts, limits, temperature=1.0, seed=0, batch_size=8, return_tokens=True)
+    assert [len(t) <= n for t, n in zip(out.tokens, limits)] == [True] * len(prompts)
+    assert len({len(t) for t in out.tokens}) > 3  # really ragged
+    assert first.total <= 6 and first.programs["decode"] == 1, first.summary()
+    with counting() as again:
+        generate(model, prompts, limits, temperature=1.0, seed=0, batch_size=8)
+    assert again.total == 0, again.summary()

@@ -188,8 +188,10 @@ def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_templa
             nonlocal steer_template, dpos_template
             steer_template, dpos_template = templates
             return make()
-        if mesh is None:
-            _INIT_CACHE[key] = jax.jit(maker)
+        if mesh is None:  # committed to the device, as insert's and decode's outputs are:
+            # an uncommitted first state would compile the first insert a second time
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            _INIT_CACHE[key] = jax.jit(maker, out_shardings=dev)
         else:
             shapes = jax.eval_shape(maker, templates)
             shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), _state_specs(shapes, mesh))
@@ -397,25 +399,26 @@ def insert(config, params, state, tokens, mask, slot_ids, index, base_key, tempe
          steer, prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
 
 
-# ----------------------------------------------------------------------------- compaction
-def _compact(state, keep):
-    out = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if x.ndim == 0 or _slot_axis(path) < 0 else jnp.take(x, keep, axis=_slot_axis(path)), state)
-    return out
+def host_key(seed: int) -> np.ndarray:
+    """`jax.random.PRNGKey(seed)` computed on the host ([2] uint32, threefry's seed words:
+    the high and low 32 bits, the high word 0 without x64): the same key without the two
+    small programs PRNGKey compiles in a fresh process."""
+    seed = int(seed)
+    if jax.config.jax_default_prng_impl != "threefry2x32" or not (
+            -2**63 <= seed < 2**63 if jax.config.jax_enable_x64 else -2**31 <= seed < 2**31):
+        return jax.random.PRNGKey(seed)  # another PRNG, or a seed JAX itself refuses
+    high = (seed >> 32) & 0xFFFFFFFF if jax.config.jax_enable_x64 else 0
+    return np.asarray([high, seed & 0xFFFFFFFF], np.uint32)
 
 
-@jax.jit
-def compact(state, keep):
-    """The state of the slots `keep` [S'] only, in that order (a smaller pool: when the
-    queue is empty and most slots are done, the remaining rows decode in fewer slots; a
-    step's cost on CPU scales with the slot count)."""
-    return sh.auto_axes_call(lambda st, k: _compact(st, k), (state, keep),
-                             lambda: _state_specs(state, _mesh_of(state)))
-
-
-# ----------------------------------------------------------------------------- host loop
 class Engine:
     """A pool of `spec.slots` decode slots over one model's params.
+
+    The programs a run needs are bounded: one `decode` (the slot count never changes; a
+    finished slot is masked until it is refilled), one `insert` per prompt-width bucket
+    (prefill groups always have `prefill_batch` rows, padded), and the state's
+    initialiser. The state starts committed to the device, as the programs' outputs are,
+    so the first insert is not compiled twice.
 
     steering: (steer_fn, prefill_fn, decode_fn) building, for a list of input indices,
     the intervention arrays (per-row coefficients), the prefill position masks (given the
@@ -423,21 +426,20 @@ class Engine:
     """
 
     def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
-                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125, shrink: bool = True,
+                 prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125,
                  weight_views: bool = True):
         self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
-        self.base_key = jax.random.PRNGKey(seed)
+        self.base_key = host_key(seed)
         self.steering = steering
         self.multiple = batching.batch_multiple(mesh)
         self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
-        self.chunk, self.refill_fraction, self.shrink = chunk, refill_fraction, shrink
+        self.chunk, self.refill_fraction = chunk, refill_fraction
         dtype = params["embed_tokens"]["embedding"].dtype
         steer = dpos = None
         if steering is not None:
             empty = np.full(spec.slots, -1)
             steer = steering[0](empty)
             dpos = steering[2](empty)
-        self.full_spec, self._init = spec, (config, dtype, steer, dpos, mesh)
         # decode reads per-layer views of the stacked weights where the backend allows (CPU)
         views = None
         if weight_views and spec.layer_loop == "unrolled":
@@ -449,8 +451,7 @@ class Engine:
 
     def _insert(self, reqs: list[Request], slot_ids: list[int]):
         spec = self.spec
-        b = min(self.prefill_batch, 1 << (len(reqs) - 1).bit_length())
-        b = batching.grow_batch(b, self.multiple)
+        b = self.prefill_batch  # one group size: a short group pads rather than compiling its own program
         rows = np.full(b, -1)
         rows[: len(reqs)] = [r.index for r in reqs]
         ids = [list(r.ids) for r in reqs] + [[spec.pad_id]] * (b - len(reqs))
@@ -480,27 +481,9 @@ class Engine:
                             prefill_pos, dpos, spec=spec)
         self.stats["insert_calls"] += 1
 
-    def _maybe_shrink(self, owner, busy):
-        """Move the busy slots into a pool of half the size or less (a power of two times
-        the mesh's data axis) once the queue is empty and at most half the slots are busy."""
-        size = self.spec.slots
-        new = batching.grow_batch(1 << (busy - 1).bit_length(), self.multiple)
-        if new > size // 2 or new < 1:
-            return owner
-        keep = [s for s in range(size) if owner[s] is not None]
-        keep += [s for s in range(size) if owner[s] is None][: new - len(keep)]
-        self.state = compact(self.state, batching.place(None, np.asarray(keep, np.int32)))
-        self.spec = dataclasses.replace(self.spec, slots=new)
-        self.stats["shrinks"] = self.stats.get("shrinks", 0) + 1
-        return [owner[s] for s in keep]
-
     def run(self, requests: Sequence[Request], progress=None) -> dict[int, list[int]]:
         """Generate every request; returns {request.index: new token ids (EOS included
         when emitted)}. Requests are admitted in the given order."""
-        if self.spec != self.full_spec:  # the previous run shrank the pool
-            self.spec = self.full_spec
-            config, dtype, steer, dpos, mesh = self._init
-            self.state = init_state(config, self.spec, dtype, steer, dpos, mesh)
         spec = self.spec
         for r in requests:
             if r.max_new_tokens > spec.max_new:
@@ -519,15 +502,12 @@ class Engine:
                     owner[s] = r
                 self._insert(batch, slots)
             busy = sum(o is not None for o in owner)
-            if not waiting and self.shrink and busy:
-                owner = self._maybe_shrink(owner, busy)
-                spec = self.spec
             if waiting:  # come back when a few slots can take waiting requests
                 want = min(len(waiting), max(1, int(spec.slots * self.refill_fraction)))
                 stop_at = spec.slots - busy + want
             else:
                 stop_at = spec.slots
-            self.state = decode(self.config, self.decode_params, self.state, jnp.int32(stop_at), spec=spec,
+            self.state = decode(self.config, self.decode_params, self.state, np.int32(stop_at), spec=spec,
                                 chunk=self.chunk)
             self.stats["decode_calls"] += 1
             done = batching.to_host(self.state["done"])
