@@ -189,7 +189,7 @@ def test_sampling_deterministic_and_independent_of_batch_size(llama, llama_greed
 
 def test_top_k_top_p_filter_matches_sorted_reference():
     """The bisection thresholds of the sampler equal the sort-based definitions."""
-    from persona_jax.runtime.generate import SamplingParams, _filter_logits
+    from persona_jax.runtime.sampling import SamplingParams, _filter_logits
 
     rng = np.random.RandomState(0)
     neg = np.finfo(np.float32).min

@@ -73,3 +73,33 @@ def test_the_check_can_fail(tmp_path):
     p.write_text("def f():\n    from persona_jax.pipeline import steps\n")
     (mod,) = [m for _, m in _imports(p)]
     assert _top(mod) == "pipeline" and RANK["pipeline"] > RANK["method"]
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level graph inside the package (function-level imports included) has no
+    cycle: runtime/engine.py and runtime/generate.py once imported each other."""
+    graph = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        if name.endswith("__init__") or rel.name == "__init__":
+            continue
+        graph[name] = {m for _, m in _imports(path) if m.startswith("persona_jax.")}
+    known = set(graph)
+    graph = {k: {m for m in v if m in known and m != k} for k, v in graph.items()}
+    state, stack, cycles = {}, [], []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)

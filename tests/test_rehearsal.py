@@ -7,7 +7,7 @@ deterministic function of the text.
 
 Targets: the two paper configs with the model path overridden (Qwen2.5 evil on a tiny
 qwen2 checkpoint, Llama 3.1 sycophantic on a tiny llama one) run every command here; every
-other family of `persona_jax.testing.FAMILY_CLASSES` runs every command too, under
+other family of `persona_jax.testing.FAMILY_CLASSES` runs all of them but two (`family_cases`), under
 configs/base.py (test_readme_command_on_family). Each target is a unit of its own on
 the test workers (tests/conftest.py). Only the sample budgets are made small (flags
 appended to the README's command line).
@@ -213,10 +213,21 @@ def test_readme_command(envs, target, index):
     run_and_check(envs, target, index)
 
 
-@pytest.mark.parametrize("target,index", cases(FAMILY_TARGETS))
+def family_cases():
+    """Every command that reads a family's weights, on every other family. Two commands run
+    on the paper targets only. `pipeline` adds the finetune and flagging steps, whose
+    fine-tuning and projection difference the `finetune` and `flag_data` commands run on
+    the family anyway. The plain `finetune` trains as the preventative one does, without
+    its steering. That saves about 70 s of suite time per family."""
+    first_finetune = next(i for i, c in enumerate(COMMANDS) if runner_of(c) == "finetune")
+    return [c for c in cases(FAMILY_TARGETS) if runner_of(COMMANDS[c.values[1]]) != "pipeline"
+            and c.values[1] != first_finetune]
+
+
+@pytest.mark.parametrize("target,index", family_cases())
 def test_readme_command_on_family(envs, target, index):
-    """Every command on every other supported family, under configs/base.py, with the same
-    trait files, datasets, judge server and checks as the paper configs."""
+    """The family's commands (`family_cases`) under configs/base.py, with the same trait
+    files, datasets, judge server and checks as the paper configs."""
     run_and_check(envs, target, index)
 
 

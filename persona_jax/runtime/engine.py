@@ -44,7 +44,7 @@ from persona_jax.model import sharding as sh
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
 from persona_jax.model.layer_views import layer_views
 from persona_jax.runtime import apply, batching
-from persona_jax.runtime.generate import _filter_logits
+from persona_jax.runtime.sampling import SamplingParams, _filter_logits
 from persona_jax.steering import interceptor as iv
 from persona_jax.steering import sites
 from persona_jax.steering.sites import Layout
@@ -99,7 +99,7 @@ class Request:
 # ----------------------------------------------------------------------------- sampling
 def pick_rows(logits, keys, step, temperature, top_k, top_p, min_new, spec: EngineSpec):
     """Next tokens [B] from logits [B, V], every sampling parameter per row ([B]).
-    The same computation as `generate._pick` row by row (same keys, same filters)."""
+    The same computation as `sampling._pick` row by row (same keys, same filters)."""
     logits = logits.astype(jnp.float32)
     if spec.eos_ids:
         eos = jnp.isin(jnp.arange(logits.shape[-1]), jnp.asarray(spec.eos_ids))
@@ -114,12 +114,7 @@ def pick_rows(logits, keys, step, temperature, top_k, top_p, min_new, spec: Engi
     return jnp.where(temperature == 0, greedy, sampled)
 
 
-def _filter_params():
-    from persona_jax.runtime.generate import SamplingParams
-    return SamplingParams(1, False, False, False, (), 0)
-
-
-_FILTER = _filter_params()
+_FILTER = SamplingParams(1, False, False, False, (), 0)
 
 
 # ----------------------------------------------------------------------------- state

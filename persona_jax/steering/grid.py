@@ -11,7 +11,6 @@ import itertools
 from typing import Any, Sequence
 
 from persona_jax.errors import PersonaError
-from persona_jax.steering.spec import Steering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +38,11 @@ class SteeringGrid:
         """`inputs` repeated once per cell: row c * len(inputs) + i is cell c on input i."""
         return list(inputs) * len(self.cells)
 
-    def steering(self, n_inputs: int) -> Steering:
-        """The sweep `Steering` of the rows of `inputs` for `n_inputs` inputs."""
+    def rows(self, n_inputs: int) -> tuple[list[int], list[float]]:
+        """(layer, coef) of each row of `inputs(...)` for `n_inputs` inputs, the arguments
+        of the `Steering.sweep` that runs the grid (this module stays below `spec`)."""
         rows = [cell for cell in self.cells for _ in range(n_inputs)]
-        return Steering.sweep(self.vector, [l for l, _ in rows], [c for _, c in rows], self.positions, self.kind)
+        return [l for l, _ in rows], [c for _, c in rows]
 
     def table(self, prompts: Sequence[str], outputs: Sequence):
         """A pandas DataFrame, one row per (cell, input) in the order of `inputs`: layer,
