@@ -12,6 +12,7 @@ from persona_jax.runtime.forward import ForwardOutput, forward, forward_arrays
 from persona_jax.model import DecoderConfig, Model, load_model
 from persona_jax.model.sharding import make_mesh, rename_mesh_axes
 from persona_jax.steering.spec import Steering
+from persona_jax.steering.control import Condition, Guard, Monitor, calibrate, whiten
 from persona_jax.steering.grid import SteeringGrid
 from persona_jax.steering.sites import Site
 from persona_jax.steering.module import apply_module
@@ -22,6 +23,7 @@ from persona_jax.io.vectors import PersonaVector
 from persona_jax.io.vectors import load_any as load_vector
 from persona_jax.io.vectors import save_any as save_vector
 from persona_jax.method.examples import extract, project
+from persona_jax.method.whitening import second_moment
 
 __all__ = [
     # models
@@ -29,6 +31,8 @@ __all__ = [
     # the session
     "extract", "project", "PersonaVector", "save_vector", "load_vector",
     "steer", "SteeredModel", "Steering", "SteeringGrid",
+    # closed-loop control
+    "Monitor", "Guard", "Condition", "whiten", "calibrate", "second_moment",
     # runners
     "generate", "Generation", "capture", "REDUCTIONS", "forward", "ForwardOutput",
     # any linen module

@@ -52,6 +52,7 @@ from persona_jax.io.jsonl import read_jsonl
 from persona_jax.runtime import apply, batching
 from persona_jax.runtime.capture import length_bucket
 from persona_jax.runtime.generate import tokenize
+from persona_jax.steering.control import Guard, guard_arrays
 from persona_jax.steering.spec import POSITIONS, Steering, as_list, position_masks, steering_arrays
 
 LETTERS = string.ascii_uppercase
@@ -289,11 +290,21 @@ def _batch_arrays(model, steerings, idx, bs):
     return steering_arrays(local, model.num_layers, model.hidden_size, rows, bs)
 
 
+def _with_guards(model, guards, interventions, bs):
+    """The call's intervention arrays plus the guards' rows (`control.guard_arrays`)."""
+    if not guards:
+        return interventions
+    return {**(interventions or {}), **guard_arrays(guards, model.num_layers, model.hidden_size, bs)}
+
+
 def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.ndarray, steering=None,
-                      batch_size: int = 16, progress: bool = False) -> np.ndarray:
+                      batch_size: int = 16, progress: bool = False, guard=None) -> np.ndarray:
     """[N, C] log-probabilities of `targets` [N, C] (token ids) as the next token after each
-    prompt (token ids). `steering`: `Steering`(s) with per-row coefficients in input order."""
+    prompt (token ids). `steering`: `Steering`(s) with per-row coefficients in input order;
+    `guard`: `Guard`(s) (one ceiling each) acting at the last prompt position, whose state
+    picks the next token, as in generation."""
     steerings = as_list(steering)
+    guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
     n = len(prompt_ids)
     _check(model, steerings, n)
     targets = np.asarray(targets, np.int32)
@@ -310,6 +321,11 @@ def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.nd
         if steerings:
             interventions = _batch_arrays(model, steerings, idx, bs)
             pos = position_masks(steerings, "prefill", mask)
+        if guards:
+            interventions = _with_guards(model, guards, interventions, bs)
+            last = np.zeros(mask.shape, np.float32)
+            last[:, -1] = 1.0  # left-padded: every row's last prompt token
+            pos = {**(pos or {}), "grd_pos": np.broadcast_to(last, (len(guards),) + last.shape)}
         tokens, mask, tg = batching.place(model.mesh, tokens, mask, tg)
         res = batching.to_host(next_token_logprobs(model.config, model.params, tokens, mask, tg, interventions, pos))
         out[idx] = res[: len(idx)]
@@ -317,11 +333,14 @@ def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.nd
 
 
 def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Sequence[Sequence[int]],
-                        steering=None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+                        steering=None, batch_size: int = 16, progress: bool = False, guard=None) -> np.ndarray:
     """[N] summed log-probabilities of each continuation (token ids) after its prompt
     (token ids), teacher forced. `steering` as in `score_next_tokens`; positions as in the
-    module docstring."""
+    module docstring. `guard`: `Guard`(s) (one ceiling each) acting at every position that
+    predicts a continuation token (the last prompt token and the reply's), each on its own
+    state, as generating the reply would."""
     steerings = as_list(steering)
+    guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
     n = len(prompt_ids)
     _check(model, steerings, n)
     out = np.zeros(n, np.float32)
@@ -340,6 +359,11 @@ def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Se
         if steerings:
             interventions = _batch_arrays(model, steerings, idx, bs)
             pos = teacher_forced_masks(steerings, pl, tl, length)
+        if guards:
+            interventions = _with_guards(model, guards, interventions, bs)
+            t = np.arange(length)[None, :]
+            resp = ((t >= pl[:, None] - 1) & (t < tl[:, None] - 1)).astype(np.float32)  # positions predicting the reply
+            pos = {**(pos or {}), "grd_pos": np.broadcast_to(resp, (len(guards),) + resp.shape)}
         tokens, pl_d, tl_d = batching.place(model.mesh, tokens, pl, tl)
         res = batching.to_host(continuation_logprobs(model.config, model.params, tokens, pl_d, tl_d, interventions, pos))
         out[idx] = res[: len(idx)]
@@ -371,11 +395,14 @@ def _argmax(values: Sequence[float]) -> int:
 def evaluate(model, items: Sequence[MCItem], vector: Optional[np.ndarray] = None, layers: Sequence[int] = (),
              coefs: Sequence[float] = (0.0,), positions: str = "response", scorings: Sequence[str] = ("letter", "choice"),
              prompt_format: str = "mmlu", chat: bool = True, batch_size: int = 16,
-             progress: bool = False) -> CapabilityResult:
+             progress: bool = False, guard=None, gate=None) -> CapabilityResult:
     """Accuracy (percent) of `items` at every (layer, coef) of a steering sweep with `vector`
     [L+1, D], all settings as per-row steering in the same batched calls; without a vector,
     unsteered (one setting). `scorings`: any of "letter", "choice", "choice_raw" (see the
-    module docstring; "letter" needs prompt_format="mmlu")."""
+    module docstring; "letter" needs prompt_format="mmlu"). `guard`: `Guard`(s) with one
+    ceiling each, acting at every position that picks an answer token; `gate`: [n_items]
+    0/1, the steering applies to an item only where it is 1 (conditional steering: the
+    condition read on each item's prompt)."""
     items = list(items)
     if not items:
         raise PersonaError("capability evaluation got no items")
@@ -398,11 +425,17 @@ def evaluate(model, items: Sequence[MCItem], vector: Optional[np.ndarray] = None
     delim = delimiter(chat)
     n_items, n_set = len(items), len(settings)
 
-    def steer(pairs):
-        """Per-row sweep steering for rows whose settings are `pairs` [(layer, coef)]."""
+    gate_of = np.ones(len(items), np.float32) if gate is None else np.asarray(gate, np.float32)
+    if gate_of.shape != (len(items),):
+        raise PersonaError(f"capability gate has {gate_of.size} values for {len(items)} items")
+
+    def steer(pairs, item_of):
+        """Per-row sweep steering for rows whose settings are `pairs` [(layer, coef)] and
+        whose items are `item_of`."""
         if vector is None:
             return None
-        return Steering.sweep(vector, [p[0] for p in pairs], [p[1] for p in pairs], positions=positions)
+        return Steering.sweep(vector, [p[0] for p in pairs], [p[1] * gate_of[i] for p, i in zip(pairs, item_of)],
+                              positions=positions)
 
     rows = [{"layer": l, "coef": c, "index": i, "subject": it.subject, "answer": it.answer}
             for (l, c) in settings for i, it in enumerate(items)]
@@ -428,16 +461,17 @@ def evaluate(model, items: Sequence[MCItem], vector: Optional[np.ndarray] = None
                 targets[i, k] = c_ids[j][0]
             res = score_next_tokens(model, [prompt_of[i] for _ in settings for i in range(n_items)],
                                     np.tile(targets, (n_set, 1)),
-                                    steer([s for s in settings for _ in range(n_items)]),
-                                    batch_size=batch_size, progress=progress)
+                                    steer([s for s in settings for _ in range(n_items)],
+                                          [i for _ in settings for i in range(n_items)]),
+                                    batch_size=batch_size, progress=progress, guard=guard)
             for s in range(n_set):
                 for i in range(n_items):
                     logp[s * n_items + i, : n_choices[i]] = res[s * n_items + i, : n_choices[i]]
         else:  # a letter of several tokens: the log-likelihood of each letter's tokens
             res = score_continuations(model, [p_ids[j] for _ in settings for j in range(len(owner))],
                                       [c_ids[j] for _ in settings for j in range(len(owner))],
-                                      steer([s for s in settings for _ in owner]),
-                                      batch_size=batch_size, progress=progress)
+                                      steer([s for s in settings for _ in owner], [i for _ in settings for i, _ in owner]),
+                                      batch_size=batch_size, progress=progress, guard=guard)
             for s in range(n_set):
                 for j, (i, k) in enumerate(owner):
                     logp[s * n_items + i, k] = res[s * len(owner) + j]
@@ -455,8 +489,8 @@ def evaluate(model, items: Sequence[MCItem], vector: Optional[np.ndarray] = None
         p_ids, c_ids = continuation_ids(model, flat_p, flat_c)
         res = score_continuations(model, [p_ids[j] for _ in settings for j in range(len(owner))],
                                   [c_ids[j] for _ in settings for j in range(len(owner))],
-                                  steer([s for s in settings for _ in owner]),
-                                  batch_size=batch_size, progress=progress)
+                                  steer([s for s in settings for _ in owner], [i for _ in settings for i, _ in owner]),
+                                  batch_size=batch_size, progress=progress, guard=guard)
         sums = {(s, i): [] for s in range(n_set) for i in range(n_items)}
         ntok = {i: [] for i in range(n_items)}
         for s in range(n_set):

@@ -43,7 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from persona_jax.model import sharding as sh
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
 from persona_jax.model.layer_views import layer_views
-from persona_jax.runtime import apply, batching
+from persona_jax.runtime import apply, batching, closed_loop
+from persona_jax.runtime.closed_loop import ControlSpec
 from persona_jax.runtime.sampling import SamplingParams, _filter_logits
 from persona_jax.steering import interceptor as iv
 from persona_jax.steering import sites
@@ -69,6 +70,7 @@ class EngineSpec:
     eos_ids: tuple[int, ...]
     pad_id: int
     layer_loop: str = "unrolled"  # "unrolled" | "scan", see `decode_logits`
+    control: "ControlSpec | None" = None  # monitor / guards / conditions (then layer_loop is "unrolled")
 
 
 def default_layer_loop() -> str:
@@ -129,6 +131,11 @@ def _slot_axis(path) -> int:
         return -1  # shared, replicated
     if names[0] == "dpos":
         return 1
+    if names[0] == "ctl":
+        if names[-1] in ("grd_ceil", "grd_coef"):
+            return 1
+        if names[-1].endswith("_dir") or names[-1] in ("grd_vec", "grd_act"):
+            return -1  # shared, replicated
     return 0
 
 
@@ -143,13 +150,26 @@ def _state_specs(state, mesh):
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
-def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_template=None, mesh=None):
+def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_template=None, mesh=None,
+               ctl_template=None):
     """An empty engine state (every slot done): a dict of arrays, slots on the data axis.
 
     steer_template: `steering_arrays(...)` for `spec.slots` rows (vectors and zero
-    coefficients) or None; dpos_template: decode position masks [K, slots, 1] or None.
+    coefficients) or None; dpos_template: decode position masks [K, slots, 1] or None;
+    ctl_template: the control's shared directions {mon_dir [M, D], grd_dir, grd_vec,
+    grd_act [G, D], cnd_dir [C, D]} (`closed_loop.Plan.shared`, with `spec.control`) or None.
     """
     s, c = spec.slots, spec.cache_len
+
+    def control(shared):
+        cs = spec.control
+        m, g, nc = len(cs.monitor_layers), len(cs.guard_layers), len(cs.cond_layers)
+        return {**shared,
+                "grd_ceil": jnp.full((g, s), jnp.inf, jnp.float32), "grd_coef": jnp.zeros((g, s), jnp.float32),
+                "mon": jnp.zeros((s, spec.max_new, m), jnp.float32),  # row i: the state token i came from
+                "pmon": jnp.zeros((s, 2, m), jnp.float32),  # prompt_last, prompt_avg
+                "fired": jnp.zeros((s, spec.max_new, g), bool),
+                "gate": jnp.zeros((s, nc), bool)}
 
     def make():
         cache = empty_cache(config, s, c, dtype)
@@ -173,15 +193,16 @@ def init_state(config, spec: EngineSpec, dtype, steer_template=None, dpos_templa
             "max_new": jnp.ones((s,), jnp.int32),
             "steer": jax.tree.map(jnp.asarray, steer_template),
             "dpos": jax.tree.map(jnp.asarray, dpos_template),
+            "ctl": None if spec.control is None else control(jax.tree.map(jnp.asarray, ctl_template)),
         }
 
-    templates = (steer_template or {}, dpos_template or {})
+    templates = (steer_template or {}, dpos_template or {}, ctl_template or {})
     key = (config, spec, jnp.dtype(dtype).name, mesh, jax.tree.structure(templates),
            tuple((np.shape(x), np.asarray(x).dtype.name) for x in jax.tree.leaves(templates)))
     if key not in _INIT_CACHE:
         def maker(templates):
-            nonlocal steer_template, dpos_template
-            steer_template, dpos_template = templates
+            nonlocal steer_template, dpos_template, ctl_template
+            steer_template, dpos_template, ctl_template = templates
             return make()
         if mesh is None:  # committed to the device, as insert's and decode's outputs are:
             # an uncommitted first state would compile the first insert a second time
@@ -222,7 +243,7 @@ def _has_layer_views(params) -> bool:
 
 
 def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_loop: str = "unrolled",
-                  ring: bool = True):
+                  ring: bool = True, control=None, cspec: ControlSpec | None = None):
     """One decode call of every slot, the weights read from the stacked params (no copy of
     the model): params["layers"] is the stacked tree, sliced inside the step one layer at a
     time, or (layer_loop "unrolled") a list of per-layer trees from `layer_views.layer_views`,
@@ -237,7 +258,10 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
       place (no cache through scan inputs / outputs).
     ring=False (unrolled only): a plain cache written from `cache_index` on, the engine's
     prefill over per-layer views (tokens [B, P]).
-    Returns (logits [B, V] float32 of the last position, the updated cache).
+    control / cspec (unrolled only): closed-loop control arrays (the state's "ctl":
+    unit directions, per-row guard ceilings and coefficients) and their `ControlSpec`.
+    Returns (logits [B, V] float32 of the last position, the updated cache, the control's
+    records {fired [G, B], mon [M, B, T], cnd [C, B, T]}, or {} without control).
     """
     c = config
     dtype = params["embed_tokens"]["embedding"].dtype
@@ -246,9 +270,17 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
     def variables(p, row):
         return {"params": p, "interventions": row} if row else {"params": p}
 
+    outs: dict = {}
+    ctl_on = cspec is not None and control is not None
+    final = lambda x: norm(c, dtype).apply({"params": params["norm"]}, x)  # noqa: E731
+    at = lambda l, h: (closed_loop.at_hidden(l, h, control, cspec, outs, final if l == c.num_layers else None)  # noqa: E731
+                       if ctl_on else h)
+    if ctl_on and layer_loop != "unrolled":
+        raise ValueError("closed-loop control runs with layer_loop='unrolled'")
     with iv.active(apply.SITES, None, calls):
         h = Embedding(c, dtype).apply(variables(params["embed_tokens"], apply.embed_variables(interventions)),
                                       tokens, ctx)
+        h = at(0, h)
         if layer_loop == "unrolled":
             layers, per_layer = params["layers"], _has_layer_views(params)  # views: no slicing in the program
             new_cache = []
@@ -258,6 +290,7 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
                             "cache": {**cache[l], "ring": True} if ring else cache[l]}
                 h, nc = Block(c, dtype).apply(variables(lp, apply.layer_variables(interventions, l)), h,
                                               layer_in, ctx)
+                h = at(l + 1, h)
                 new_cache.append({"k": nc["k"], "v": nc["v"]})
         else:
             def body(carry, xs):
@@ -271,8 +304,9 @@ def decode_logits(config, params, tokens, ctx, cache, interventions=None, layer_
                   jnp.asarray(c.layer_windows, jnp.int32), jnp.arange(c.num_layers, dtype=jnp.int32))
             (h, k, v), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
             new_cache = {"k": k, "v": v}
-    h = norm(c, dtype).apply({"params": params["norm"]}, h[:, -1])
-    return lm_logits(c, h, head_kernel(c, params)), new_cache
+    records = closed_loop.records(cspec, outs, *tokens.shape) if ctl_on else {}
+    h = final(h[:, -1])
+    return lm_logits(c, h, head_kernel(c, params)), new_cache, records
 
 
 def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
@@ -295,12 +329,19 @@ def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
         ctx = apply.make_ctx(jnp.ones((s, 1), jnp.int32), positions=pos[:, None],
                              cache_index=col, kv_valid=kv_valid, kv_pos=kv_pos)
         ctx.update(st["dpos"])
-        logits, cache = decode_logits(config, params, st["last"][:, None], ctx, st["cache"],
-                                      st["steer"] or None, spec.layer_loop)
+        logits, cache, rec = decode_logits(config, params, st["last"][:, None], ctx, st["cache"],
+                                           st["steer"] or None, spec.layer_loop, control=st["ctl"],
+                                           cspec=spec.control)
         nxt = pick_rows(logits, st["keys"], st["n"], st["temperature"], st["top_k"], st["top_p"],
                         st["min_new"], spec)
         nxt = jnp.where(live, nxt, spec.pad_id)
-        st["out"] = st["out"].at[rows, jnp.where(live, st["n"], spec.max_new)].set(nxt, mode="drop")
+        at_n = jnp.where(live, st["n"], spec.max_new)  # the output index of the token made now
+        st["out"] = st["out"].at[rows, at_n].set(nxt, mode="drop")
+        if spec.control is not None:  # the state token n was sampled from: this step's
+            ctl = dict(st["ctl"])
+            ctl["mon"] = ctl["mon"].at[rows, at_n].set(rec["mon"][:, :, -1].T, mode="drop")
+            ctl["fired"] = ctl["fired"].at[rows, at_n].set(rec["fired"].T, mode="drop")
+            st["ctl"] = ctl
         n = st["n"] + live.astype(jnp.int32)
         st.update(cache=cache, kv_valid=kv_valid, kv_pos=kv_pos, t=st["t"] + 1, n=n, last=jnp.where(live, nxt, st["last"]),
                   done=st["done"] | jnp.isin(nxt, eos) | (n >= st["max_new"]))
@@ -323,20 +364,31 @@ def _mesh_of(state):
 
 # ----------------------------------------------------------------------------- insert
 def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k,
-            top_p, min_new, max_new, steer, prefill_pos, dpos):
+            top_p, min_new, max_new, steer, prefill_pos, dpos, ctl_rows):
     b, p = tokens.shape
+    cs = spec.control
     keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(index)  # as the static path keys its rows
     dtype = params["embed_tokens"]["embedding"].dtype
     ctx, n_prompt, _ = apply.prefill_ctx(mask, p)
     ctx.update(prefill_pos or {})
     empty = empty_cache(config, b, p, dtype)
-    if _has_layer_views(params):  # per-layer views (CPU): no weight slice copies
-        last, per_layer = decode_logits(config, params, tokens, ctx,
-                                        [{"k": empty["k"][l], "v": empty["v"][l]} for l in range(config.num_layers)],
-                                        steer or None, "unrolled", ring=False)
+    prefill_steer = steer
+    if cs is not None and steer:  # a conditioned term does not act on the prompt
+        prefill_steer = dict(steer)
+        for key, terms in (("add_coef", cs.add_cond), ("abl_coef", cs.abl_cond)):
+            if key in steer and any(t >= 0 for t in terms):
+                keep = jnp.asarray([t < 0 for t in terms], steer[key].dtype)
+                prefill_steer[key] = steer[key] * keep[None, :, None]
+    rec = None
+    if _has_layer_views(params) or cs is not None:  # per-layer views (CPU): no weight slice copies;
+        # control reads and acts between the blocks, so it takes this loop everywhere
+        control = None if cs is None else {**state["ctl"], **{k: v for k, v in ctl_rows.items() if k != "cnd_thr"}}
+        last, per_layer, rec = decode_logits(
+            config, params, tokens, ctx, [{"k": empty["k"][l], "v": empty["v"][l]} for l in range(config.num_layers)],
+            prefill_steer or None, "unrolled", ring=False, control=control, cspec=cs)
         cache = {"k": [x["k"] for x in per_layer], "v": [x["v"] for x in per_layer]}
     else:
-        logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=steer or None,
+        logits, _, cache = apply.decoder_apply(config, params, tokens, ctx, interventions=prefill_steer or None,
                                                cache=empty, logits="last")
         last = logits[:, -1]
     first = pick_rows(last, keys, jnp.zeros((b,), jnp.int32), temperature, top_k, top_p, min_new, spec)
@@ -370,9 +422,35 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
               top_k=put(st["top_k"], top_k), top_p=put(st["top_p"], top_p), min_new=put(st["min_new"], min_new),
               max_new=put(st["max_new"], max_new))
 
+    gate = None
+    if cs is not None:
+        ctl = dict(st["ctl"])
+        n_real = jnp.maximum(mask.sum(1), 1).astype(jnp.float32)
+
+        def prompt_reads(x):  # [N, B, P] -> prompt_last, prompt_avg [N, B] (left-padded rows)
+            return x[:, :, -1], (x * mask[None].astype(jnp.float32)).sum(-1) / n_real
+
+        mon_last, mon_avg = prompt_reads(rec["mon"])
+        mon0 = jnp.zeros((b, spec.max_new, len(cs.monitor_layers)), jnp.float32).at[:, 0].set(mon_last.T)
+        fired0 = jnp.zeros((b, spec.max_new, len(cs.guard_layers)), bool).at[:, 0].set(rec["fired"].T)
+        c_last, c_avg = prompt_reads(rec["cnd"])
+        c_read = jnp.where(jnp.asarray(cs.cond_avg, bool)[:, None], c_avg, c_last)  # [C, B]
+        gate = (jnp.asarray(cs.cond_sign, jnp.float32)[:, None] * (c_read - ctl_rows["cnd_thr"])) > 0
+        ctl.update(mon=put(ctl["mon"], mon0), fired=put(ctl["fired"], fired0),
+                   pmon=put(ctl["pmon"], jnp.stack([mon_last.T, mon_avg.T], axis=1)), gate=put(ctl["gate"], gate.T),
+                   grd_ceil=ctl["grd_ceil"].at[:, slot_ids].set(ctl_rows["grd_ceil"], mode="drop"),
+                   grd_coef=ctl["grd_coef"].at[:, slot_ids].set(ctl_rows["grd_coef"], mode="drop"))
+        st["ctl"] = ctl
+
     def put_coef(path, x, v):
         name = str(getattr(path[-1], "key", path[-1]))
-        return x.at[:, :, slot_ids].set(v, mode="drop") if name.endswith("_coef") else x
+        if not name.endswith("_coef"):
+            return x
+        terms = {"add_coef": cs.add_cond, "abl_coef": cs.abl_cond}.get(name, ()) if cs and len(path) == 1 else ()
+        if any(t >= 0 for t in terms):  # conditioned terms decode with coef * (condition held)
+            g = jnp.stack([gate[t] if t >= 0 else jnp.ones((b,), bool) for t in terms]).astype(v.dtype)  # [K, B]
+            v = v * g[None]
+        return x.at[:, :, slot_ids].set(v, mode="drop")
     st["steer"] = jax.tree_util.tree_map_with_path(put_coef, st["steer"], steer or {})
     st["dpos"] = jax.tree.map(lambda x, v: x.at[:, slot_ids].set(v, mode="drop"), st["dpos"], dpos or {})
     return st
@@ -380,18 +458,20 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
 def insert(config, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new,
-           max_new, steer=None, prefill_pos=None, dpos=None, *, spec: EngineSpec):
+           max_new, steer=None, prefill_pos=None, dpos=None, ctl_rows=None, *, spec: EngineSpec):
     """Prefill a batch of requests and write them into the slots `slot_ids` [B] (an id
     >= spec.slots marks a padding row, dropped). params: the model's, or with
     params["layers"] a list of per-layer views (`layer_views`; the prefill then runs the
     blocks unrolled over them). tokens, mask: [B, P] left-padded;
     index [B]: input indices, whose keys are fold_in(base_key, index); temperature, top_k, top_p, min_new, max_new: [B]; steer: intervention
     arrays for these rows (coefficients [L+1, K, B]); prefill_pos / dpos: position masks
-    [K, B, P] / [K, B, 1]. Returns the new state (the old one is donated)."""
+    [K, B, P] / [K, B, 1]; ctl_rows: these rows' guard ceilings and coefficients and
+    condition thresholds {grd_ceil [G, B], grd_coef [G, B], cnd_thr [C, B]} (with
+    `spec.control`). Returns the new state (the old one is donated)."""
     return sh.auto_axes_call(
         lambda *a: _insert(config, spec, *a),
         (params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new, max_new,
-         steer, prefill_pos, dpos), lambda: _state_specs(state, _mesh_of(state)))
+         steer, prefill_pos, dpos, ctl_rows), lambda: _state_specs(state, _mesh_of(state)))
 
 
 def host_key(seed: int) -> np.ndarray:
@@ -422,10 +502,13 @@ class Engine:
 
     def __init__(self, config, params, spec: EngineSpec, mesh=None, seed: int = 0, steering=None,
                  prefill_batch: int = 8, chunk: int = 8, refill_fraction: float = 0.125,
-                 weight_views: bool = True):
+                 weight_views: bool = True, control=None):
         self.config, self.params, self.spec, self.mesh = config, params, spec, mesh
         self.base_key = host_key(seed)
         self.steering = steering
+        # control: (shared unit directions, rows_fn(input indices) -> ctl_rows) with spec.control
+        self.control = control
+        self.records: dict[int, dict] = {}  # per finished input: the control's records
         self.multiple = batching.batch_multiple(mesh)
         self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
         self.chunk, self.refill_fraction = chunk, refill_fraction
@@ -440,7 +523,7 @@ class Engine:
         if weight_views and spec.layer_loop == "unrolled":
             views = layer_views(params["layers"], config.num_layers)
         self.decode_params = params if views is None else {**params, "layers": views.layers}
-        self.state = init_state(config, spec, dtype, steer, dpos, mesh)
+        self.state = init_state(config, spec, dtype, steer, dpos, mesh, None if control is None else control[0])
         self.stats = {"decode_calls": 0, "insert_calls": 0, "layer_views": views is not None,
                       "copied_weight_bytes": 0 if views is None else views.copied_bytes}
 
@@ -472,8 +555,11 @@ class Engine:
                 if str(getattr(path[-1], "key", "")).endswith("_coef") else jnp.asarray(x), steer)
             prefill_pos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), prefill_pos)
             dpos = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), dpos)
+        ctl_rows = None
+        if self.control is not None:
+            ctl_rows = jax.tree.map(lambda x: batching.place(self.mesh, x, batch_axis=1), self.control[1](rows))
         self.state = insert(self.config, self.decode_params, self.state, *placed[:4], self.base_key, *placed[4:], steer,
-                            prefill_pos, dpos, spec=spec)
+                            prefill_pos, dpos, ctl_rows, spec=spec)
         self.stats["insert_calls"] += 1
 
     def run(self, requests: Sequence[Request], progress=None) -> dict[int, list[int]]:
@@ -510,8 +596,15 @@ class Engine:
             if finished:
                 n = batching.to_host(self.state["n"])
                 out = batching.to_host(self.state["out"])
+                ctl = None if self.control is None else {
+                    k: batching.to_host(self.state["ctl"][k]) for k in ("mon", "pmon", "fired", "gate")}
                 for s in finished:
                     results[owner[s].index] = out[s, : n[s]].tolist()
+                    if ctl is not None:
+                        self.records[owner[s].index] = {
+                            "projections": ctl["mon"][s, : n[s]].copy(), "prompt_last": ctl["pmon"][s, 0].copy(),
+                            "prompt_avg": ctl["pmon"][s, 1].copy(), "fired": ctl["fired"][s, : n[s]].copy(),
+                            "gate": ctl["gate"][s].copy()}
                     owner[s] = None
                     if progress is not None:
                         progress.update(1)
@@ -520,11 +613,15 @@ class Engine:
 
 def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings, site_rows,
                     batch_size, progress=False, layer_loop: str | None = None, chunk: int = 8,
-                    prefill_batch: int = 8, weight_views: bool = True, max_new: int | None = None) -> list[list[int]]:
+                    prefill_batch: int = 8, weight_views: bool = True, max_new: int | None = None,
+                    plan: "closed_loop.Plan | None" = None):
     """`generate`'s engine path: token ids per input (new tokens, EOS included when
     emitted). ids: prompt token ids per input; limits: max_new_tokens per input; max_new:
     the longest continuation the slots are sized for (default the largest limit; a fixed
-    cap, as an EOS-driven run has, keeps the compiled programs across calls)."""
+    cap, as an EOS-driven run has, keeps the compiled programs across calls).
+    plan: closed-loop control (`closed_loop.plan`); then returns (token ids, the control's
+    records per input: projections [n, M], prompt_last / prompt_avg [M], fired [n, G],
+    gate [C])."""
     from tqdm.auto import tqdm
     from persona_jax.steering.spec import position_masks, steering_arrays
 
@@ -535,17 +632,20 @@ def generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_token
     spec = EngineSpec(slots=slots, cache_len=batching.bucket(max(map(len, ids))) + max_new, max_new=max_new,
                       greedy=temperature == 0, use_top_k=top_k is not None, use_top_p=top_p < 1.0,
                       eos_ids=model.eos_token_ids, pad_id=model.pad_token_id,
-                      layer_loop=layer_loop or default_layer_loop())
+                      layer_loop="unrolled" if plan is not None else layer_loop or default_layer_loop(),
+                      control=None if plan is None else plan.spec)
     steering = None
     if steerings:
         L, D = model.num_layers, model.hidden_size
-        steering = (lambda rows: steering_arrays(steerings, L, D, rows, len(rows), site_rows),
+        steering = (lambda rows: steering_arrays(steerings, L, D, rows, len(rows), site_rows, conditions_ok=True),
                     lambda rows, mask: position_masks(steerings, "prefill", mask),
                     lambda rows: position_masks(steerings, "decode", np.ones((len(rows), 1), np.int32)))
     eng = Engine(model.config, model.params, spec, model.mesh, seed=seed, steering=steering,
-                 prefill_batch=min(slots, prefill_batch), chunk=chunk, weight_views=weight_views)
+                 prefill_batch=min(slots, prefill_batch), chunk=chunk, weight_views=weight_views,
+                 control=None if plan is None else (plan.shared, plan.rows))
     reqs = [Request(ids[i], i, limits[i], min_new_tokens, float(temperature), int(top_k or 0), float(top_p))
             for i in range(n)]
     with tqdm(total=n, desc="generate", disable=not progress) as bar:
         out = eng.run(reqs, progress=bar)
-    return [out[i] for i in range(n)]
+    tokens = [out[i] for i in range(n)]
+    return tokens if plan is None else (tokens, [eng.records[i] for i in range(n)])

@@ -208,6 +208,12 @@ class Generation:
     texts: list[str]
     tokens: list[list[int]]  # new tokens per input, EOS included when emitted
     prompts: list[str]
+    # closed-loop control (`monitor=`, `guard=`, conditioned steerings), else None:
+    monitor_layers: tuple | None = None  # the hidden states of the projections' columns
+    projections: list | None = None  # per input [new tokens, len(monitor_layers)]: row i from the state token i was sampled from
+    prompt_projections: dict | None = None  # {"prompt_last", "prompt_avg"}: [N, len(monitor_layers)]
+    guard_fired: list | None = None  # per input [new tokens, guards] bool: guard g acted at the step making token i
+    condition_met: np.ndarray | None = None  # [N, conditions] bool, conditioned steerings in order
 
 
 def render_prompts(model, inputs, who: str = "generate") -> list[str]:
@@ -235,7 +241,7 @@ def tokenize(model, texts: Sequence[str]) -> list[list[int]]:
 def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0,
              top_k: int | None = None, min_new_tokens: int = 1, seed: int = 0,
              steering: Steering | Sequence[Steering] | None = None, batch_size: int = 32,
-             return_tokens: bool = False, progress: bool = False):
+             return_tokens: bool = False, progress: bool = False, monitor=None, guard=None):
     """Sample continuations.
 
     Args:
@@ -256,6 +262,12 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
       batch_size: decode slots of the continuous-batching engine (`runtime/engine.py`):
         a finished row's slot takes the next input at once.
       return_tokens: return a `Generation` (texts, token ids, prompts) instead of texts.
+      monitor: a `pj.Monitor`: each new token's projection at its layers, computed in the
+        decode step (no second pass), and the prompts' prompt_last / prompt_avg ones.
+      guard: a `pj.Guard` or a list: act per token when its projection passes a ceiling.
+        With a monitor, a guard or a conditioned `Steering` (`Steering.condition`),
+        `generate` returns a `Generation` with the control's records
+        (`persona_jax.steering.control` says where each acts and reads).
 
     Goes through the continuous-batching engine; longrope checkpoints whose rows can
     cross `rope_original_max_position` (Phi-3 128k) keep the static batches of
@@ -264,6 +276,9 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
     prompts = render_prompts(model, inputs)
     if not prompts:
         raise PersonaError("generate got an empty list of inputs")
+    if isinstance(steering, SteeringGrid) and (monitor is not None or guard is not None):
+        raise PersonaError("a Steering.grid runs without monitor= or guard=; pass Steering.sweep(...) "
+                           "(one row per input) to combine them")
     if isinstance(steering, SteeringGrid):  # each cell on every input, one request stream
         limits = max_new_tokens if np.ndim(max_new_tokens) == 0 else steering.inputs(max_new_tokens)
         out = generate(model, steering.inputs(prompts), limits, temperature, top_p, top_k, min_new_tokens,
@@ -287,18 +302,33 @@ def generate(model, inputs, max_new_tokens: int | Sequence[int], temperature: fl
     steerings = attached(model) + as_list(steering)
     site_rows = apply.steering_sites(model.config)
     validate_all(steerings, model.num_layers, model.hidden_size, len(prompts), site_rows)
+    from persona_jax.runtime import closed_loop
+    plan = closed_loop.plan(monitor, guard, steerings, model.num_layers, model.hidden_size, len(prompts))
     tok = model.require_tokenizer()
     c = model.config
     longrope = (c.rope_type == "longrope" and batching.bucket(max(map(len, ids))) + max_new_tokens
                 > c.rope_original_max_position)
+    records = None
+    if longrope and plan is not None:
+        raise PersonaError("monitor=, guard= and conditioned steering run in the engine, which this longrope "
+                           "checkpoint cannot use once a row crosses rope_original_max_position; shorten the "
+                           "prompts or max_new_tokens")
     if longrope:
         new_tokens = static_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed, steerings,
                                    site_rows, batch_size, progress)
     else:
         from persona_jax.runtime import engine
         new_tokens = engine.generate_tokens(model, ids, limits, temperature, top_p, top_k, min_new_tokens, seed,
-                                            steerings, site_rows, batch_size, progress)
+                                            steerings, site_rows, batch_size, progress, plan=plan)
+        if plan is not None:
+            new_tokens, records = new_tokens
     texts = [tok.decode(t, skip_special_tokens=True) for t in new_tokens]
+    if records is not None:
+        return Generation(
+            texts=texts, tokens=new_tokens, prompts=prompts, monitor_layers=plan.spec.monitor_layers,
+            projections=[r["projections"] for r in records],
+            prompt_projections={k: np.stack([r[k] for r in records]) for k in ("prompt_last", "prompt_avg")},
+            guard_fired=[r["fired"] for r in records], condition_met=np.stack([r["gate"] for r in records]))
     if return_tokens:
         return Generation(texts=texts, tokens=new_tokens, prompts=prompts)
     return texts

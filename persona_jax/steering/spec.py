@@ -40,6 +40,9 @@ class Steering:
       model, whose instances are then the rows (our decoder: "attn" and "mlp", the
       attention and MLP outputs, [L] rows, row i = block i; see `persona_jax.steering.sites`
       for any linen model).
+    condition: a `Condition` (`persona_jax.steering.control`): in `generate`, the
+      steering then acts on the decode steps of the requests whose prompt projection
+      passes the condition's threshold, and on nothing else (residual stream only).
     """
 
     vector: np.ndarray
@@ -49,6 +52,7 @@ class Steering:
     kind: str = "add"
     rows_layers: Sequence[int] | None = None
     site: str | None = None
+    condition: object = None  # a `steering.control.Condition`: steer only requests whose prompt qualifies
 
     def __post_init__(self):
         self.vector = getattr(self.vector, "array", self.vector)  # a PersonaVector steers as its array
@@ -94,6 +98,12 @@ class Steering:
             raise PersonaError(f"unknown steering positions {self.positions!r}; use one of: {', '.join(POSITIONS)}")
         if self.kind not in KINDS:
             raise PersonaError(f"unknown steering kind {self.kind!r}; use one of: {', '.join(KINDS)}")
+        if self.condition is not None:
+            from persona_jax.steering.control import Condition
+            if not isinstance(self.condition, Condition):
+                raise PersonaError(f"Steering.condition must be a pj.Condition; got {type(self.condition).__name__}")
+            if self.site is not None:
+                raise PersonaError("a conditioned Steering acts on the residual stream only (site None)")
         if self.kind == "ablate" and np.any(np.linalg.norm(v[np.atleast_1d(layers).astype(int)], axis=-1) == 0):
             raise PersonaError("cannot ablate a zero vector: its direction is undefined")
         coef = np.atleast_1d(np.asarray(self.coef, np.float32))
@@ -141,14 +151,19 @@ def validate_all(steerings: Sequence[Steering], num_layers: int, hidden_size: in
 
 
 def steering_arrays(steerings: Sequence[Steering], num_layers: int, hidden_size: int,
-                    rows: np.ndarray, batch: int, site_rows: dict | None = None) -> dict:
+                    rows: np.ndarray, batch: int, site_rows: dict | None = None,
+                    conditions_ok: bool = False) -> dict:
     """Intervention arrays for a batch whose row b is input `rows[b]` (-1 = padding row).
 
     Returns {add_vec [L+1,K,D], add_coef [L+1,K,B], abl_dir, abl_coef} (only the kinds
     present) for the residual stream, and under the key of each other site used
     (`Steering.site`, with its row count N in `site_rows`) the same dict of [N, ...]
-    arrays; position masks are built per call by `position_masks`.
+    arrays; position masks are built per call by `position_masks`. A conditioned steering
+    (`Steering.condition`) is refused unless `conditions_ok` (the engine gates its terms).
     """
+    if not conditions_ok and any(s.condition is not None for s in steerings):
+        raise PersonaError("a conditioned Steering (Steering.condition) acts only in pj.generate, where the "
+                           "prompt is read before the response; capture, forward and training cannot apply it")
     known = site_counts(steerings, site_rows, num_layers)
     out = _site_arrays([s for s in steerings if s.site is None], num_layers, rows, batch)
     for site in dict.fromkeys(s.site for s in steerings if s.site is not None):
