@@ -60,6 +60,20 @@ def get_config():
         shots=(0, 5, 10, 15, 20),  # file traits: many-shot counts from the kept pos responses; () = none
     ))
 
+    # issue 27: open- against closed-loop control at the chosen layer (step "control"):
+    # no steering, constant negative steering, conditional steering, guards that cap or
+    # subtract at percentiles of the unsteered tokens' projections, each also whitened
+    c.control = ml_collections.ConfigDict(dict(
+        reduction="response_avg",
+        coef=config_dict.placeholder(float),  # None: the steering step's best negative coefficient
+        percentiles=(50.0, 90.0),  # guard ceilings: percentiles of setting B's unsteered token projections
+        whiten=True, ridge=0.01,  # the "_w" arms: (Sigma + ridge * mean eigenvalue * I)^-1 v
+        capability=True,  # setting B's capability task (the capability config's items)
+        timing=True,  # each arm's warm generation time on setting B's prompts at full length, against none
+        n_questions=0, n_per_question=2, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+        batch_size=64, chunk_size=1024,
+    ))
+
     # METHOD.md 8: LoRA SFT, then shift / preventative / CAFT / post-hoc (step "finetune")
     c.finetune = ml_collections.ConfigDict(dict(
         reduction="response_avg",

@@ -97,7 +97,8 @@ def test_extract_is_the_mean_difference_of_transformers_states(tiny, reduction):
     assert isinstance(vec, pj.PersonaVector) and vec.array.shape == (4, 32)
     assert (vec.trait, vec.reduction, vec.n_kept) == ("evil", reduction, 3)
     assert np.abs(want[1:]).min(-1).max() > 1e-3  # the sides differ at every layer
-    np.testing.assert_allclose(vec.array, want, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order than torch's: a few 1e-5 on values near 0.35 (CI saw 1.6e-5)
+    np.testing.assert_allclose(vec.array, want, rtol=1e-4, atol=5e-5)
 
 
 def test_extract_drops_a_pair_with_an_empty_answer_and_refuses_bad_examples(tiny):
@@ -110,7 +111,8 @@ def test_extract_drops_a_pair_with_an_empty_answer_and_refuses_bad_examples(tiny
     want = np.mean([reduce(*torch_states(tm, tok, *p), "response_avg") for p, _ in keep], 0) - \
         np.mean([reduce(*torch_states(tm, tok, *n), "response_avg") for _, n in keep], 0)
     assert vec.n_kept == 2
-    np.testing.assert_allclose(vec.array, want, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order than torch's: a few 1e-5 on values near 0.35 (CI saw 1.6e-5)
+    np.testing.assert_allclose(vec.array, want, rtol=1e-4, atol=5e-5)
     with pytest.raises(PersonaError, match="reduction"):
         pj.extract(model, pairs, reduction="mean")
     with pytest.raises(PersonaError, match="not a .positive, negative. pair"):

@@ -70,9 +70,11 @@ def _fixtures(page: str, d: Path) -> None:
 
 
 def test_every_page_with_examples_is_covered():
-    assert {"docs/guide.md", "docs/formats.md", "docs/real_model.md"} <= set(PAGES)
+    assert {"docs/guide.md", "docs/formats.md", "docs/real_model.md", "docs/control.md"} <= set(PAGES)
     readme = python_blocks(ROOT / "README.md")
-    assert len(readme) == 1 and "tiny_checkpoint" in readme[0][1], "a new README example needs a test"
+    # the quickstart and the closed-loop block: tests/test_quickstart.py runs both
+    assert len(readme) == 2 and "tiny_checkpoint" in readme[0][1] and "pj.Guard" in readme[1][1], \
+        "a new README example needs a test"
 
 
 @pytest.mark.parametrize("page", PAGES)

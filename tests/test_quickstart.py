@@ -33,3 +33,19 @@ def test_quickstart_block_runs_verbatim(tmp_path):
     proj = re.search(r"\[\s*(-?\d+\.\d+(?:e[-+]?\d+)?)\s*\]\s*$", printed)
     assert proj and abs(float(proj.group(1))) < 1e6, printed
     assert (tmp_path / "evil.pt").is_file()
+
+
+def test_control_block_runs_after_the_quickstart(tmp_path):
+    """The README's closed-loop block (issue 27), run after the quickstart in one process:
+    the guard held every token's projection at its ceiling (the mean of the free reply's)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- control -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README.md has no ```python block after <!-- control -->"
+    code = quickstart_block() + m.group(1) + (
+        "\nassert 0 < out.guard_fired[0].mean() <= 1 and out.projections[0].max() <= guard.ceiling + 1e-4\n"
+        "print('CONTROL-OK')\n")
+    (tmp_path / "control.py").write_text(code)
+    out = subprocess.run([sys.executable, "control.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CONTROL-OK" in out.stdout

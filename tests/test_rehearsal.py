@@ -62,6 +62,9 @@ BUDGET = {
     "generate_trait": [f"--n_questions={N_EXTRACT + N_EVAL}", f"--n_extract={N_EXTRACT}"],
     "inspect_model": [],
     "extract": _CONFIG_BUDGET, "steer": _CONFIG_BUDGET, "monitor": _CONFIG_BUDGET, "pipeline": _CONFIG_BUDGET,
+    "control": _CONFIG_BUDGET + [f"--config.control.n_questions={STEER_Q}", "--config.control.n_per_question=1",
+                                 f"--config.control.max_new_tokens={MAX_NEW}", "--config.control.percentiles=(50.0,)",
+                                 "--config.control.timing=False"],  # the organism's run times the arms
     "project": ["--batch_size=8"],
     "finetune": ["--config.finetune.num_steps=2", "--config.finetune.batch_size=2",
                  "--config.finetune.grad_accum=1", "--config.finetune.max_length=256",
@@ -86,12 +89,16 @@ def cases(targets, runners=None):
             if runners is None or runner_of(c) in runners]
 
 
-CASES = cases(PAPER_TARGETS)
+# `control` (every closed-loop arm, ~75 s) and `pipeline` (its finetune and flagging steps,
+# ~80 s) on one paper target: the other's config differs only in values those runners
+# pass through, and its family (llama) is the default of every other test
+ONE_TARGET = {"control": "qwen25_7b_evil", "pipeline": "qwen25_7b_evil"}
+CASES = [c for c in cases(PAPER_TARGETS) if ONE_TARGET.get(runner_of(COMMANDS[c.values[1]]), c.values[0]) == c.values[0]]
 
 
 def test_readme_block_names_every_runner_and_has_a_budget():
     runners = [runner_of(c) for c in COMMANDS]
-    for r in ("generate_trait", "inspect_model", "extract", "steer", "monitor", "pipeline", "project",
+    for r in ("generate_trait", "inspect_model", "extract", "steer", "monitor", "control", "pipeline", "project",
               "finetune", "flag_data"):
         assert r in runners, f"the README's rehearsal block lacks experiments.{r}"
     assert sum(r == "finetune" for r in runners) == 2  # LoRA, and LoRA with preventative steering
@@ -213,14 +220,20 @@ def test_readme_command(envs, target, index):
     run_and_check(envs, target, index)
 
 
+# Runners the other families skip: `pipeline` adds the finetune and flagging steps (the
+# family's `finetune` and `flag_data` commands run those anyway); `steer`, `monitor` and
+# `control` sample and capture through the same engine and capture code that the family's
+# `extract` command runs on its weights (steered generation per family is checked against
+# transformers in tests/test_families_new.py; the paper targets run every runner).
+FAMILY_SKIP = ("pipeline", "steer", "monitor", "control")
+
+
 def family_cases():
-    """Every command that reads a family's weights, on every other family. Two commands run
-    on the paper targets only. `pipeline` adds the finetune and flagging steps, whose
-    fine-tuning and projection difference the `finetune` and `flag_data` commands run on
-    the family anyway. The plain `finetune` trains as the preventative one does, without
-    its steering. That saves about 70 s of suite time per family."""
+    """Every command that reads a family's weights, on every other family, except the
+    runners of `FAMILY_SKIP` and the plain `finetune` (it trains as the preventative one
+    does, without its steering): about 150 s of suite time per family."""
     first_finetune = next(i for i, c in enumerate(COMMANDS) if runner_of(c) == "finetune")
-    return [c for c in cases(FAMILY_TARGETS) if runner_of(COMMANDS[c.values[1]]) != "pipeline"
+    return [c for c in cases(FAMILY_TARGETS) if runner_of(COMMANDS[c.values[1]]) not in FAMILY_SKIP
             and c.values[1] != first_finetune]
 
 
@@ -376,6 +389,25 @@ def check_pipeline(env, command, proc):
     assert "misaligned_2" in md and "flagging" in md
 
 
+def check_control(env, command, proc):
+    d = env.work / env.trait
+    s = json.loads((d / "control.json").read_text())
+    arms = ["none", "constant", "conditional", "guard_cap@p50", "guard_subtract@p50",
+            "constant_w", "conditional_w", "guard_cap@p50_w", "guard_subtract@p50_w"]
+    assert list(s["arms"]) == arms and s["layer"] == LAYER and s["coef"] > 0
+    for arm in arms:
+        for setting in ("A", "B"):
+            rows = pd.read_csv(d / "control" / f"{arm}_{setting}.csv", keep_default_na=False)
+            assert len(rows) == STEER_Q and set(rows["arm"]) == {arm} and set(rows["setting"]) == {setting}
+            assert rows[env.trait].astype(str).str.len().min() > 0  # every row judged
+            assert all(len(json.loads(p)) >= 1 for p in rows["token_proj"])  # a projection per token
+            if arm.startswith("guard"):
+                assert rows["guard_fired"].between(0, 1).all()
+    assert is_png(d / "control" / "control.png")
+    assert (d / "control" / "whitening.json").is_file()
+    assert "### Control" in (env.work / "report.md").read_text()
+
+
 def check_project(env, command, proc):
     out = [json.loads(x) for x in (env.work / "normal_projected.jsonl").read_text().splitlines()]
     assert len(out) == N_DATA
@@ -400,5 +432,6 @@ def check_flag_data(env, command, proc):
 
 
 CHECKS = {"generate_trait": check_generate_trait, "inspect_model": check_inspect_model, "extract": check_extract,
-          "steer": check_steer, "monitor": check_monitor, "pipeline": check_pipeline, "project": check_project,
+          "steer": check_steer, "monitor": check_monitor, "control": check_control, "pipeline": check_pipeline,
+          "project": check_project,
           "finetune": check_finetune, "flag_data": check_flag_data}

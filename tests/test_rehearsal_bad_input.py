@@ -208,6 +208,20 @@ def test_config_values_checked_first(layout, field, value, match):
     _fails_before_writing(cfg, layout / "work", match)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("percentiles", (50.0, 150.0), "percentiles"),
+    ("coef", -2.0, "coef must be > 0"),
+    ("ridge", -0.5, "ridge"),
+    ("n_per_question", 0, "n_per_question"),
+])
+def test_control_options_checked_first(layout, field, value, match):
+    """issue 27: the control step's options fail before anything is written."""
+    cfg = _cfg(layout)
+    cfg.steps = cfg.steps + ("control",)
+    setattr(cfg.control, field, value)
+    _fails_before_writing(cfg, layout / "work", match)
+
+
 def test_unparsable_tuple_flag_is_one_line(layout):
     proc = subprocess.run([sys.executable, "-m", "experiments.steer", "--config=configs/organism.py",
                            f"--workdir={layout / 'work'}", "--config.steer.coefs=(0.0,nan)"],

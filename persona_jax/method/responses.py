@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 from persona_jax.io.csvio import parse_score, read_csv, write_csv_atomic
@@ -47,11 +48,17 @@ def columns(trait: str, extra: Sequence[str] = ()) -> list[str]:
 
 def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling,
                     steering_for: Optional[Callable[[Sequence[Spec]], Optional[Sequence[Steering]]]] = None,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, control_for: Optional[Callable[[Sequence[Spec]], dict]] = None,
+                    timing: Optional[dict] = None) -> list[dict]:
     """Append answers for `specs` to `csv_path` (resuming after rows already there).
 
     steering_for(chunk) -> steerings for that chunk's rows (per-row coefficients follow the
-    chunk order), or None. Returns all rows of the CSV.
+    chunk order), or None. control_for(chunk) -> {"monitor": pj.Monitor, "guard": ...} for
+    `generate` (closed-loop control); each row then fills the spec's extra columns
+    `guard_fired` (share of its tokens at which a guard acted), `token_proj` (JSON list of
+    the monitor's first layer per token) and `prompt_last_proj` where the spec has them.
+    timing: a dict that gets "generate_s" (wall seconds of the generate calls made now)
+    and "tokens". Returns all rows of the CSV.
     """
     if not specs:
         raise PersonaError(f"nothing to generate for {csv_path}: the list of prompts is empty")
@@ -72,29 +79,54 @@ def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sam
                disable=not progress)
     for start in range(len(rows), len(specs), sampling.chunk_size):
         chunk = specs[start:start + sampling.chunk_size]
+        t0 = time.perf_counter()
         answers = generate(
             model, [s.prompt for s in chunk], sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p,
             min_new_tokens=sampling.min_new_tokens, seed=sampling.seed * 1_000_003 + start,
-            steering=steering_for(chunk) if steering_for else None, batch_size=sampling.batch_size)
-        for s, a in zip(chunk, answers):
+            steering=steering_for(chunk) if steering_for else None, batch_size=sampling.batch_size,
+            **(control_for(chunk) if control_for else {}))
+        records = [{} for _ in chunk]
+        if not isinstance(answers, list):  # a Generation: the control's records per row
+            records = [_control_cells(answers, i) for i in range(len(chunk))]
+            if timing is not None:
+                timing["tokens"] = timing.get("tokens", 0) + sum(map(len, answers.tokens))
+            answers = answers.texts
+        if timing is not None:
+            timing["generate_s"] = timing.get("generate_s", 0.0) + time.perf_counter() - t0
+        for s, a, rec in zip(chunk, answers, records):
+            extra = {**s.extra, **{k: v for k, v in rec.items() if k in s.extra}}
             rows.append({"question": s.question, "prompt": s.prompt, "answer": a,
-                         "question_id": s.question_id, **s.extra, trait: "", "coherence": ""})
+                         "question_id": s.question_id, **extra, trait: "", "coherence": ""})
         write_csv_atomic(csv_path, cols, rows)
         bar.update(len(chunk))
     bar.close()
     return rows
 
 
+def _control_cells(gen, i: int) -> dict:
+    """A row's closed-loop cells from a `Generation` (see `generate_to_csv`)."""
+    import json
+    cells = {}
+    if gen.guard_fired is not None and gen.guard_fired[i].shape[1]:
+        cells["guard_fired"] = f"{float(gen.guard_fired[i].any(axis=1).mean()):.4f}"
+    if gen.projections is not None and gen.projections[i].shape[1]:
+        cells["token_proj"] = json.dumps([round(float(x), 4) for x in gen.projections[i][:, 0]])
+        cells["prompt_last_proj"] = f"{float(gen.prompt_projections['prompt_last'][i, 0]):.6g}"
+    return cells
+
+
 def sample_and_judge(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling, judge,
-                     eval_prompt: str, steering_for=None, progress: bool = True) -> list[dict]:
+                     eval_prompt: str, steering_for=None, progress: bool = True, control_for=None,
+                     timing: Optional[dict] = None) -> list[dict]:
     """Generate the answers for `specs` and judge them: the rows of `csv_path`, made once.
 
     The CSV is written as the work goes (resumable: generation after the last row
     written, judging of the empty score cells) and the rows come back filled, so a step
     reads nothing back. `steering_for` as in `generate_to_csv`.
     """
-    rows = generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress)
+    rows = generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress,
+                           control_for=control_for, timing=timing)
     return judge_rows(judge, columns(trait, list(specs[0].extra)), rows, csv_path, trait, eval_prompt,
                       progress=progress)
 

@@ -42,6 +42,11 @@ def _monitor(c: StepContext, entry):
     return core.step_monitor(c.model, c.judge, c.source, c.trait, c.cfg, c.workdir, entry["layer"], c.progress)
 
 
+def _control(c: StepContext, entry):
+    from persona_jax.pipeline.control_step import step_control
+    return step_control(c.model, c.judge, c.source, c.trait, c.cfg, c.workdir, entry, c.progress)
+
+
 def _finetune(c: StepContext, entry):
     return ft.step_finetune(c.model, c.judge, c.source, c.trait, c.cfg, c.workdir, entry)
 
@@ -55,6 +60,7 @@ STEPS = {
     "extract": ("extraction", _extract),
     "steer": ("steering", _steer),
     "monitor": ("monitoring", _monitor),
+    "control": ("control", _control),
     "finetune": ("finetune", _finetune),
     "flagging": ("flagging", _flagging),
 }

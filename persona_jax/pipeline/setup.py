@@ -148,6 +148,21 @@ def check_inputs(source, cfg) -> None:
                 source.flagging_dataset(name, "", cfg)
     if "flagging" in cfg.steps:
         check_flagging(cfg.flagging)
+    if "control" in cfg.steps:
+        check_control(cfg.control)
+
+
+def check_control(c) -> None:
+    """The control step's options (`configs/base.py`, `control`), before any work."""
+    if c.coef is not None and not float(c.coef) > 0:
+        raise PersonaError(f"config.control.coef must be > 0 (the arms subtract it); got {c.coef}")
+    bad = [p for p in c.percentiles if not 0.0 <= float(p) <= 100.0]
+    if bad or not c.percentiles:
+        raise PersonaError(f"config.control.percentiles must be numbers in [0, 100]; got {tuple(c.percentiles)}")
+    if not float(c.ridge) >= 0:
+        raise PersonaError(f"config.control.ridge must be >= 0; got {c.ridge}")
+    if int(c.n_per_question) < 1:
+        raise PersonaError(f"config.control.n_per_question must be >= 1; got {c.n_per_question}")
 
 
 def check_flagging(f) -> None:
