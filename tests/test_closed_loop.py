@@ -306,3 +306,44 @@ def test_a_guard_acting_along_a_whitened_direction_matches_hooked_transformers(t
             np.testing.assert_array_equal(out.guard_fired[i], fired)
         if action == "cap":  # the whitened cap still holds the projection on v at the ceiling
             assert max(p.max() for p in out.projections) <= ceil + 1e-4
+
+
+def test_a_vector_keeps_its_second_moment_in_orbax(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 8))
+    sigma = (x.T @ x / 50)[None].astype(np.float32)
+    v = pj.PersonaVector(rng.normal(size=(4, 8)), "evil", second_moment=sigma, second_moment_layers=(2,))
+    pj.save_vector(v, tmp_path / "v")
+    back = pj.load_vector(tmp_path / "v")
+    np.testing.assert_array_equal(back.sigma(2), sigma[0])
+    np.testing.assert_allclose(pj.whiten(back.array[2], back.sigma(2)), pj.whiten(v.array[2], sigma[0]), rtol=1e-6)
+    assert back.metadata["second_moment_layers"] == [2]
+    pj.save_vector(pj.PersonaVector(v.array, "evil"), tmp_path / "plain")  # without one, as before
+    assert pj.load_vector(tmp_path / "plain").second_moment is None
+    with pytest.raises(PersonaError, match="no second moment at layer 1"):
+        back.sigma(1)
+    with pytest.raises(PersonaError, match="shape"):
+        pj.PersonaVector(v.array, "evil", second_moment=sigma[:, :4], second_moment_layers=(2,))
+
+
+def test_token_monitor_takes_a_generation_without_a_second_pass(tiny, tmp_path):
+    """A generation's projections as `TokenTrace`s: reply token t's own state, checked
+    against a teacher-forced transformers forward over prompt + reply."""
+    from persona_jax.method import token_monitor as tmon
+    d, tm, model, tok, vecs = tiny
+    v, layer = vecs[0], 2
+    out = pj.generate(model, PROMPTS[:2], 8, temperature=0, monitor=pj.Monitor(v, [layer, L]))
+    traces = tmon.traces_from_generation(model, out, names=["a", "b"])
+    u = v[layer] / np.linalg.norm(v[layer])
+    for tr, ids, p_ids in zip(traces, out.tokens, ids_of(tok, PROMPTS[:2])):
+        with torch.no_grad():
+            hs = tm(input_ids=torch.tensor([p_ids + ids]), output_hidden_states=True).hidden_states
+        want = hs[layer][0, len(p_ids):].numpy() @ u
+        assert tr.projection.shape == (len(ids),) and np.isnan(tr.projection[-1])
+        np.testing.assert_allclose(tr.projection[:-1], want[:-1], atol=1e-4)
+        assert "".join(tr.pieces) == tr.text and np.isnan(tr.projections[1]).all()
+    tmon.write_html(traces, str(tmp_path / "page.html"), "v")
+    page = (tmp_path / "page.html").read_text()
+    assert "<h2>a</h2>" in page and "nan" not in page.split("<h2>a</h2>")[0].lower()  # the scale ignores the NaN
+    with pytest.raises(PersonaError, match="no projections"):
+        tmon.traces_from_generation(model, pj.generate(model, PROMPTS[:1], 2, return_tokens=True))

@@ -41,6 +41,7 @@ def test_control_block_runs_after_the_quickstart(tmp_path):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- control -->\s*```python\n(.*?)```", text, re.S)
     assert m, "README.md has no ```python block after <!-- control -->"
+    assert len([l for l in m.group(1).splitlines() if l.strip()]) <= 5, "the closed-loop example is five lines"
     code = quickstart_block() + m.group(1) + (
         "\nassert 0 < out.guard_fired[0].mean() <= 1 and out.projections[0].max() <= guard.ceiling + 1e-4\n"
         "print('CONTROL-OK')\n")

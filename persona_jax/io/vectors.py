@@ -47,6 +47,10 @@ class PersonaVector:
       model_id: the model it was extracted from ("" if unknown).
       n_kept: number of pos/neg pairs that survived filtering (None if unknown).
       config: free-form JSON-serialisable settings of the extraction run.
+      second_moment: optional float32 [len(second_moment_layers), D, D], the residual
+        stream's second moment at those layers on neutral text (`pj.second_moment`), for
+        `pj.whiten`; saved beside the array in the Orbax checkpoint.
+      second_moment_layers: the hidden states of `second_moment`'s rows.
     """
 
     array: np.ndarray
@@ -55,9 +59,22 @@ class PersonaVector:
     model_id: str = ""
     n_kept: Optional[int] = None
     config: dict = dataclasses.field(default_factory=dict)
+    second_moment: Optional[np.ndarray] = None
+    second_moment_layers: tuple = ()
 
     def __post_init__(self):
         self.array = _as_float32_2d(self.array, f"persona vector for trait {self.trait!r}")
+        if self.second_moment is not None:
+            sm = np.asarray(self.second_moment, np.float32)
+            layers = tuple(int(l) for l in self.second_moment_layers)
+            d = self.array.shape[1]
+            if sm.ndim != 3 or sm.shape[1:] != (d, d) or sm.shape[0] != len(layers):
+                raise PersonaError(f"second_moment has shape {tuple(sm.shape)}; this vector needs "
+                                   f"({len(layers)}, {d}, {d}), one [D, D] matrix per second_moment_layers entry")
+            if any(not 0 <= l < self.array.shape[0] for l in layers):
+                raise PersonaError(f"second_moment_layers {layers} lie outside 0..{self.array.shape[0] - 1}")
+            check_second_moment(sm)
+            self.second_moment, self.second_moment_layers = sm, layers
         if self.reduction is not None and self.reduction not in REDUCTIONS:
             raise PersonaError(f"reduction {self.reduction!r} of the {self.trait!r} vector is "
                                f"unknown; use one of {', '.join(REDUCTIONS)}.")
@@ -85,7 +102,28 @@ class PersonaVector:
             "hidden_size": self.hidden_size,
             "n_kept": None if self.n_kept is None else int(self.n_kept),
             "config": _plain_json(self.config, f"config of the {self.trait!r} vector"),
+            "second_moment_layers": list(self.second_moment_layers) if self.second_moment is not None else None,
         }
+
+    def sigma(self, layer: int) -> np.ndarray:
+        """The stored second moment at hidden state `layer` ([D, D]), for `pj.whiten`."""
+        if self.second_moment is None or layer not in self.second_moment_layers:
+            raise PersonaError(f"this {self.trait!r} vector holds no second moment at layer {layer} "
+                               f"(it has {list(self.second_moment_layers)}); compute one with pj.second_moment")
+        return self.second_moment[self.second_moment_layers.index(layer)]
+
+
+def check_second_moment(mats: np.ndarray, tol: float = 1e-6):
+    """A PersonaError unless every [D, D] matrix is symmetric positive semi-definite
+    (up to `tol`, relative to its largest entry)."""
+    for m in np.asarray(mats, np.float64).reshape((-1,) + np.shape(mats)[-2:]):
+        if not np.all(np.isfinite(m)):
+            raise PersonaError("second-moment matrix contains NaN or inf")
+        scale = max(float(np.abs(m).max()), 1e-30)
+        if np.abs(m - m.T).max() > tol * scale:
+            raise PersonaError("second-moment matrix is not symmetric")
+        if np.linalg.eigvalsh((m + m.T) / 2).min() < -tol * scale * m.shape[0]:
+            raise PersonaError("second-moment matrix is not positive semi-definite")
 
 
 def _plain_json(obj: Any, where: str) -> Any:
@@ -171,7 +209,8 @@ def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: boo
         ocp, ckptr = _composite_handler()
         with ckptr:
             ckptr.save(target, ocp.args.Composite(
-                vector=ocp.args.StandardSave({"array": vec.array}),
+                vector=ocp.args.StandardSave({"array": vec.array} if vec.second_moment is None
+                                             else {"array": vec.array, "second_moment": vec.second_moment}),
                 metadata=ocp.args.JsonSave(vec.metadata)))
         old = None
         if directory.exists():
@@ -198,7 +237,10 @@ def load_vector(directory: str | os.PathLike) -> PersonaVector:
     meta = dict(out["metadata"])
     vec = PersonaVector(array=np.asarray(out["vector"]["array"]), trait=meta["trait"],
                         reduction=meta.get("reduction"), model_id=meta.get("model_id", ""),
-                        n_kept=meta.get("n_kept"), config=meta.get("config") or {})
+                        n_kept=meta.get("n_kept"), config=meta.get("config") or {},
+                        second_moment=None if out["vector"].get("second_moment") is None
+                        else np.asarray(out["vector"]["second_moment"]),
+                        second_moment_layers=tuple(meta.get("second_moment_layers") or ()))
     check_vector_shape(vec.array, meta["num_layers"], meta["hidden_size"], str(directory),
                        model="its own metadata")
     return vec

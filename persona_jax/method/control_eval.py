@@ -144,7 +144,7 @@ def evaluate(model, judge, trait, vector: np.ndarray, layer: int, coef: float, q
         sigma = second_moment(model, texts, layers=int(layer))
         whitened = np.zeros_like(np.asarray(vector, np.float32))
         whitened[layer] = whiten(np.asarray(vector)[layer], sigma, ridge)
-        _save_whitening(out_dir, sigma, whitened[layer], layer, ridge)
+        _save_whitening(out_dir, sigma, whitened[layer], layer, ridge, vector, name)
     plan = arms(np.asarray(vector, np.float32), int(layer), float(coef), ceilings, threshold, whitened, positions)
     timing_set = [r["prompt"] for r in free["B"]]
     base_s = _decode_seconds(model, timing_set, sampling, {}) if timing else None
@@ -197,8 +197,13 @@ def compare(arms: dict) -> dict:
 
 
 @writer_only
-def _save_whitening(out_dir, sigma, w, layer, ridge):
-    """Sigma and the whitened direction beside the arms' CSVs (.npy, atomically)."""
+def _save_whitening(out_dir, sigma, w, layer, ridge, vector, trait):
+    """Sigma and the whitened direction beside the arms' CSVs (.npy, atomically), and the
+    vector with Sigma as an Orbax checkpoint (`control/vector`, `PersonaVector.second_moment`)."""
+    from persona_jax.io.vectors import PersonaVector, save_vector
+    save_vector(PersonaVector(np.asarray(vector, np.float32), trait, "response_avg", second_moment=sigma[None],
+                              second_moment_layers=(int(layer),), config={"ridge": ridge}),
+                os.path.join(out_dir, "vector"), overwrite=True)
     for stem, a in ((f"second_moment_layer{layer}", sigma), (f"whitened_layer{layer}", w)):
         with atomic_open(os.path.join(out_dir, stem + ".npy"), "wb") as f:
             np.save(f, a)

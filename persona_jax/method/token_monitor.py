@@ -254,6 +254,35 @@ TOKEN_COLUMNS = ("conversation", "token_index", "token_id", "token", "turn", "ro
 TURN_COLUMNS = ("conversation", "turn", "role", "n_tokens", "mean_projection", "content")
 
 
+def traces_from_generation(model, generation, names: Optional[Sequence[str]] = None) -> list[TokenTrace]:
+    """`TokenTrace`s of the replies of a `generate(..., monitor=pj.Monitor(v, layers))` call,
+    with no second pass: the projections the engine computed while decoding.
+
+    Reply token t gets the projection of its own hidden state, the one it was fed with at
+    the next decode step (row t + 1 of `generation.projections`, as a teacher-forced
+    `token_projections` of prompt + reply gives it); the last token, never fed, gets NaN.
+    `projections` is [L+1, T] with the monitor's layers filled and NaN elsewhere; `layer`
+    is the monitor's first; one turn, the assistant's reply. The pieces are each token's
+    own decoded text."""
+    if getattr(generation, "projections", None) is None:
+        raise PersonaError("this generation carries no projections; call pj.generate(..., monitor=pj.Monitor(v, layers))")
+    tok = model.require_tokenizer()
+    layers = list(generation.monitor_layers)
+    out = []
+    for i, ids in enumerate(generation.tokens):
+        n = len(ids)
+        proj = np.full((model.num_layers + 1, n), np.nan, np.float32)
+        rows = np.asarray(generation.projections[i], np.float32)  # [n, M]: row t = the state token t came from
+        proj[layers, : max(n - 1, 0)] = rows[1:].T
+        pieces = [tok.decode([int(t)]) for t in ids]
+        text = "".join(pieces)
+        mean = proj[layers[0]][np.isfinite(proj[layers[0]])]
+        out.append(TokenTrace(name=names[i] if names else f"reply {i}", text=text, token_ids=np.asarray(ids),
+                              pieces=pieces, turn=np.zeros(n, int), projections=proj, layer=layers[0],
+                              turns=[Turn(0, "assistant", text, n, float(mean.mean()) if mean.size else float("nan"))]))
+    return out
+
+
 def token_rows(traces: Sequence[TokenTrace]) -> list[dict]:
     rows = []
     for tr in traces:
@@ -295,6 +324,7 @@ def colour_scale(traces: Sequence[TokenTrace], centre: Union[str, float] = "medi
     vals = np.concatenate([tr.projection[tr.turn >= 0] for tr in traces] + [np.zeros(0)])
     if vals.size == 0:
         vals = np.concatenate([tr.projection for tr in traces])
+    vals = vals[np.isfinite(vals)]  # (a generation's last token has no projection)
     if centre == "median":
         c = float(np.median(vals))
     elif centre == "zero":

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from persona_jax.errors import PersonaError
+from persona_jax.io.vectors import check_second_moment
 
 ACTIONS = ("cap", "subtract")
 DIRECTIONS = ("above", "below")
@@ -233,19 +234,6 @@ def whiten(vector, second_moment, ridge: float = 1e-2) -> np.ndarray:
         out[i] = 0.0 if not np.any(r) else w * (float(r @ r) / along)
     out = out.astype(np.float32)
     return out[0] if v.ndim == 1 else out
-
-
-def check_second_moment(mats: np.ndarray, tol: float = 1e-6):
-    """A PersonaError unless every [D, D] matrix is symmetric positive semi-definite
-    (up to `tol`, relative to its largest entry)."""
-    for m in np.asarray(mats, np.float64).reshape((-1,) + np.shape(mats)[-2:]):
-        if not np.all(np.isfinite(m)):
-            raise PersonaError("second-moment matrix contains NaN or inf")
-        scale = max(float(np.abs(m).max()), 1e-30)
-        if np.abs(m - m.T).max() > tol * scale:
-            raise PersonaError("second-moment matrix is not symmetric")
-        if np.linalg.eigvalsh((m + m.T) / 2).min() < -tol * scale * m.shape[0]:
-            raise PersonaError("second-moment matrix is not positive semi-definite")
 
 
 def guard_arrays(guards: Sequence[Guard], num_layers: int, hidden_size: int, batch: int) -> dict:
