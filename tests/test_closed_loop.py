@@ -218,11 +218,14 @@ def test_calibrate_threshold_separates_the_classes():
     (lambda v: pj.Guard(v, 1, float("nan")), "NaN"),
     (lambda v: pj.Guard(v, 1, 0.0, action="clip"), "unknown guard action"),
     (lambda v: pj.Monitor(v[:2]), "shape"),
+    (lambda v: pj.Steering(v, layer=1, coef=1.0, condition=pj.Condition(v[:2], 1, 0.0)), "condition vector has shape"),
+    (lambda v: pj.Steering(v, layer=1, coef=1.0, condition=pj.Condition(v, 1, float("nan"))), "threshold is NaN"),
 ])
 def test_bad_guard_and_monitor_are_one_clean_error(tiny, make, message):
     d, tm, model, tok, vecs = tiny
     bad = make(vecs[0])
-    kw = {"monitor": bad} if isinstance(bad, pj.Monitor) else {"guard": bad}
+    kw = ({"monitor": bad} if isinstance(bad, pj.Monitor) else {"steering": bad} if isinstance(bad, pj.Steering)
+          else {"guard": bad})
     with pytest.raises(PersonaError, match=message):
         pj.generate(model, PROMPTS[:1], 2, **kw)
 
@@ -237,6 +240,8 @@ def test_bad_second_moment_and_calibration_sets():
         pj.whiten(v, -np.eye(4))
     with pytest.raises(PersonaError, match="both classes"):
         pj.calibrate([1.0, 2.0], [])
+    with pytest.raises(PersonaError, match="both classes"):
+        pj.calibrate([], [0.5])
 
 
 def test_a_conditioned_steering_is_refused_outside_generate(tiny):
