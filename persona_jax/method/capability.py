@@ -52,7 +52,7 @@ from persona_jax.io.jsonl import read_jsonl
 from persona_jax.runtime import apply, batching
 from persona_jax.runtime.capture import length_bucket
 from persona_jax.runtime.generate import tokenize
-from persona_jax.steering.control import Guard, guard_arrays
+from persona_jax.steering.control import as_guards, guard_arrays
 from persona_jax.steering.spec import POSITIONS, Steering, as_list, position_masks, steering_arrays
 
 LETTERS = string.ascii_uppercase
@@ -304,7 +304,7 @@ def score_next_tokens(model, prompt_ids: Sequence[Sequence[int]], targets: np.nd
     `guard`: `Guard`(s) (one ceiling each) acting at the last prompt position, whose state
     picks the next token, as in generation."""
     steerings = as_list(steering)
-    guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
+    guards = as_guards(guard)
     n = len(prompt_ids)
     _check(model, steerings, n)
     targets = np.asarray(targets, np.int32)
@@ -340,7 +340,7 @@ def score_continuations(model, prompt_ids: Sequence[Sequence[int]], cont_ids: Se
     predicts a continuation token (the last prompt token and the reply's), each on its own
     state, as generating the reply would."""
     steerings = as_list(steering)
-    guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
+    guards = as_guards(guard)
     n = len(prompt_ids)
     _check(model, steerings, n)
     out = np.zeros(n, np.float32)

@@ -90,7 +90,7 @@ def _decode_seconds(model, prompts, sampling: Sampling, kw: dict) -> float:
     return float(np.median([run() for _ in range(3)]))
 
 
-def _capability(model, items, arm: dict, vector, layer, coef, cap_kw: dict, threshold: dict):
+def _capability(model, items, arm: dict, layer: int, cap_kw: dict):
     """Percent correct of `items` under one arm (teacher forced; see `capability.evaluate`)."""
     from persona_jax.method import capability as cap
     s, g = arm["steering"], arm["guard"]
@@ -98,14 +98,14 @@ def _capability(model, items, arm: dict, vector, layer, coef, cap_kw: dict, thre
         res = cap.evaluate(model, items, guard=g, **cap_kw)
     else:
         gate = None
-        if s.condition is not None:  # the condition read on each item's own prompt
+        if s.condition is not None:  # the condition read on each item's own prompt, by its own rule
+            c = s.condition.resolve(model.num_layers, model.hidden_size, len(items))
             prompts = [cap.render_prompt(model, it, cap_kw["prompt_format"], cap_kw["chat"]) for it in items]
-            read = generate(model, prompts, 1, temperature=0, monitor=Monitor(vector, [layer]))
-            proj = read.prompt_projections["prompt_last"][:, 0]
-            sign = 1.0 if threshold["direction"] == "above" else -1.0
-            gate = (sign * (proj - threshold["threshold"]) > 0).astype(np.float32)
-        res = cap.evaluate(model, items, s.vector, [layer], [float(s.coef)], positions=s.positions if s.condition is None
-                           else "response", gate=gate, **cap_kw)
+            read = generate(model, prompts, 1, temperature=0, monitor=Monitor(s.condition.vector, [c["layer"]]))
+            proj = read.prompt_projections["prompt_avg" if c["avg"] else "prompt_last"][:, 0]
+            gate = (c["sign"] * (proj - c["threshold"]) > 0).astype(np.float32)
+        res = cap.evaluate(model, items, s.vector, [layer], [float(s.coef)], positions=s.positions, gate=gate,
+                           **cap_kw)
     return float(res.accuracy[cap_kw["scorings"][0]][0, 0])
 
 
@@ -160,7 +160,7 @@ def evaluate(model, judge, trait, vector: np.ndarray, layer: int, coef: float, q
                          "coherence": mean(scores(rows[st], "coherence", where)),
                          "guard_fired": float(np.mean(fired)) if fired else None}
         if items:
-            entry["B"]["capability"] = _capability(model, items, arm, vector, layer, coef, cap_kw, threshold)
+            entry["B"]["capability"] = _capability(model, items, arm, layer, cap_kw)
         if timing:
             kw = {k: v for k, v in (("steering", arm["steering"]), ("guard", arm["guard"])) if v is not None}
             s = base_s if arm_name == "none" else _decode_seconds(model, timing_set, sampling, kw)

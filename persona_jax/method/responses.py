@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Callable, Optional, Sequence
 
 from persona_jax.io.csvio import parse_score, read_csv, write_csv_atomic
@@ -48,8 +47,7 @@ def columns(trait: str, extra: Sequence[str] = ()) -> list[str]:
 
 def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling,
                     steering_for: Optional[Callable[[Sequence[Spec]], Optional[Sequence[Steering]]]] = None,
-                    progress: bool = True, control_for: Optional[Callable[[Sequence[Spec]], dict]] = None,
-                    timing: Optional[dict] = None) -> list[dict]:
+                    progress: bool = True, control_for: Optional[Callable[[Sequence[Spec]], dict]] = None) -> list[dict]:
     """Append answers for `specs` to `csv_path` (resuming after rows already there).
 
     steering_for(chunk) -> steerings for that chunk's rows (per-row coefficients follow the
@@ -57,8 +55,7 @@ def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sam
     `generate` (closed-loop control); each row then fills the spec's extra columns
     `guard_fired` (share of its tokens at which a guard acted), `token_proj` (JSON list of
     the monitor's first layer per token) and `prompt_last_proj` where the spec has them.
-    timing: a dict that gets "generate_s" (wall seconds of the generate calls made now)
-    and "tokens". Returns all rows of the CSV.
+    Returns all rows of the CSV.
     """
     if not specs:
         raise PersonaError(f"nothing to generate for {csv_path}: the list of prompts is empty")
@@ -79,7 +76,6 @@ def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sam
                disable=not progress)
     for start in range(len(rows), len(specs), sampling.chunk_size):
         chunk = specs[start:start + sampling.chunk_size]
-        t0 = time.perf_counter()
         answers = generate(
             model, [s.prompt for s in chunk], sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p,
@@ -89,11 +85,7 @@ def generate_to_csv(model, specs: Sequence[Spec], csv_path: str, trait: str, sam
         records = [{} for _ in chunk]
         if not isinstance(answers, list):  # a Generation: the control's records per row
             records = [_control_cells(answers, i) for i in range(len(chunk))]
-            if timing is not None:
-                timing["tokens"] = timing.get("tokens", 0) + sum(map(len, answers.tokens))
             answers = answers.texts
-        if timing is not None:
-            timing["generate_s"] = timing.get("generate_s", 0.0) + time.perf_counter() - t0
         for s, a, rec in zip(chunk, answers, records):
             extra = {**s.extra, **{k: v for k, v in rec.items() if k in s.extra}}
             rows.append({"question": s.question, "prompt": s.prompt, "answer": a,
@@ -117,8 +109,7 @@ def _control_cells(gen, i: int) -> dict:
 
 
 def sample_and_judge(model, specs: Sequence[Spec], csv_path: str, trait: str, sampling: Sampling, judge,
-                     eval_prompt: str, steering_for=None, progress: bool = True, control_for=None,
-                     timing: Optional[dict] = None) -> list[dict]:
+                     eval_prompt: str, steering_for=None, progress: bool = True, control_for=None) -> list[dict]:
     """Generate the answers for `specs` and judge them: the rows of `csv_path`, made once.
 
     The CSV is written as the work goes (resumable: generation after the last row
@@ -126,7 +117,7 @@ def sample_and_judge(model, specs: Sequence[Spec], csv_path: str, trait: str, sa
     reads nothing back. `steering_for` as in `generate_to_csv`.
     """
     rows = generate_to_csv(model, specs, csv_path, trait, sampling, steering_for, progress=progress,
-                           control_for=control_for, timing=timing)
+                           control_for=control_for)
     return judge_rows(judge, columns(trait, list(specs[0].extra)), rows, csv_path, trait, eval_prompt,
                       progress=progress)
 

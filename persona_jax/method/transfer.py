@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from persona_jax.errors import PersonaError
+from persona_jax.runtime import batching
 from persona_jax.runtime.forward import forward
 from persona_jax.runtime.generate import tokenize
 
@@ -93,11 +94,7 @@ def token_states(model, texts: Sequence[str], layers: Sequence[int], batch_size:
     out = [[] for _ in layers]
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        width = max(map(len, chunk))
-        tokens = np.full((len(chunk), width), model.pad_token_id, np.int32)
-        mask = np.zeros((len(chunk), width), np.int32)
-        for i, s in enumerate(chunk):
-            tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+        tokens, mask = batching.pad_rows(chunk, max(map(len, chunk)), model.pad_token_id, left=False)
         hidden = np.asarray(forward(model, tokens, mask).hidden_states, np.float32)  # [L+1, B, T, D]
         for j, l in enumerate(layers):
             out[j].extend(hidden[l, i, : len(s)] for i, s in enumerate(chunk))

@@ -75,8 +75,6 @@ def records(cs: ControlSpec, outs: dict, b: int, t: int) -> dict:
     return out
 
 
-
-
 @dataclasses.dataclass
 class Plan:
     """The engine's control for one `generate` call: `spec` (static), `shared` unit
@@ -102,10 +100,7 @@ class Plan:
 def plan(monitor, guards, steerings, num_layers: int, hidden_size: int, n: int) -> Plan | None:
     """A `Plan` from a `Monitor` (or None), `Guard`s and the call's steerings (those with a
     `condition`), checked against the model; None when there is nothing to control."""
-    guards = [] if guards is None else [guards] if isinstance(guards, sc.Guard) else list(guards)
-    for g in guards:
-        if not isinstance(g, sc.Guard):
-            raise PersonaError(f"guard must be a pj.Guard or a list of them; got {type(g).__name__}")
+    guards = sc.as_guards(guards)
     if monitor is not None and not isinstance(monitor, sc.Monitor):
         raise PersonaError(f"monitor must be a pj.Monitor; got {type(monitor).__name__}")
     conditions = [s.condition for s in steerings if s.condition is not None]

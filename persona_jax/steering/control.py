@@ -236,6 +236,16 @@ def whiten(vector, second_moment, ridge: float = 1e-2) -> np.ndarray:
     return out[0] if v.ndim == 1 else out
 
 
+def as_guards(guard) -> list[Guard]:
+    """None, one `Guard` or a sequence of them -> a list of `Guard`s (anything else: a
+    PersonaError), as `spec.as_list` is for steerings."""
+    guards = [] if guard is None else [guard] if isinstance(guard, Guard) else list(guard)
+    for g in guards:
+        if not isinstance(g, Guard):
+            raise PersonaError(f"guard must be a pj.Guard or a list of them; got {type(g).__name__}")
+    return guards
+
+
 def guard_arrays(guards: Sequence[Guard], num_layers: int, hidden_size: int, batch: int) -> dict:
     """Interceptor rows for guards in a teacher-forced call (`steering.interceptor`; every
     row of the batch guarded alike, so each guard's ceiling and coefficient are one value):

@@ -81,8 +81,8 @@ def guard_rule(h, u, vec, act, ceiling, coef, cap, pos=None):
     """One projection guard on h [B, ..., D]: where h . u (u the unit direction) exceeds the
     row's `ceiling` [B], "cap" (cap = 1) removes the excess, h <- h - max(0, h.u - ceiling) act
     (act = u, or a direction d / (d . u): the same change along u); "subtract" (cap = 0)
-    adds -coef[b] * vec. pos
-    [B, ...]: 1 where the guard acts (None = everywhere). Computed in float32.
+    adds -coef[b] * vec. pos [B, ...]: 1 where the guard acts (None = everywhere).
+    Computed in float32.
     Returns (h, fired [B, ...] bool)."""
     hf = h.astype(jnp.float32)
     lead = (slice(None),) + (None,) * (h.ndim - 2)
