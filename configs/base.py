@@ -122,4 +122,29 @@ def get_config():
         judge_filter=False,  # judge each dataset response with the trait rubric
         judge_threshold=config_dict.placeholder(float),  # drop score > this (filtered_judge.jsonl)
     ))
+    # issue 26: a persona vector at every checkpoint of one run (experiments.trace)
+    c.trace = ml_collections.ConfigDict(dict(
+        # in training order: model dirs, a training output dir (checkpoint-N), a trainer
+        # workdir (Orbax steps), HUB_ID[@REV,...|@*] of revisions in the local HF cache
+        checkpoints=(),
+        tokenizer="",  # a model dir of the run (Orbax steps hold no tokenizer); "": the first model dir
+        final_workdir="",  # the final checkpoint's finished extract step; "": run it in <workdir>/final
+        target="",  # the model steered and monitored; "": the final checkpoint
+        target_workdir="",  # the target's finished extract / steer / monitor steps; "": <workdir>/target
+        steer=True, monitor=True,
+        n_questions=0, n_per_question=0,  # the steering share's sweep; 0: as the steer step
+        cosine_threshold=0.9, share_threshold=0.8,
+    ))
+    # issue 26: a vector from another model (experiments.transfer); the target is c.model
+    c.transfer = ml_collections.ConfigDict(dict(
+        source="",  # the source model
+        source_workdir="",  # its pipeline workdir with a finished extract step
+        target_workdir="",  # the target's extract / steer steps; "": <workdir>/target
+        kind="direct",  # "direct" (same width and depth) | "ridge" | "procrustes" (equal widths)
+        ridge=1e-3,  # relative to the mean eigenvalue of the source states' covariance
+        rescale=False,  # scale each mapped row by the target's over the source's hidden-state norm
+        texts="",  # neutral texts: a JSONL of {"messages": [...]} or one text per line; "": the organism's
+        n_texts=256, holdout_fraction=0.25,
+        steer=True, n_questions=0, n_per_question=0,  # the steering share's sweep; 0: as the steer step
+    ))
     return c

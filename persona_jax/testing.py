@@ -21,6 +21,8 @@ FAMILY_CLASSES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 
@@ -46,6 +48,15 @@ FAMILY_KWARGS = {
                                                             "rope_theta": 100000.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "olmo2": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+    # Apertus: per-head QK norm, ungated xIELU MLP (its learned alphas randomised below)
+    "apertus": dict(num_attention_heads=4, num_key_value_heads=2),
+    # OLMo 3: sliding (window 8, its own rope base) and full layers (llama3-scaled rope)
+    "olmo3": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={"full_attention": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 16},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     # Phi-3: every layer windowed (8), longrope of a 128k-style checkpoint (original
     # context 16: rows longer than 16 tokens switch to the long factors), partial rotary.
     "phi3": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, partial_rotary_factor=0.5,
@@ -92,7 +103,7 @@ def tiny_checkpoint(directory: str, family: str = "llama", seed: int = 0, chat_t
     model = model_cls(config).eval()
     with torch.no_grad():  # HF init leaves norms at 1 and biases at 0: randomise so they are tested
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith(".bias") or "act_fn.alpha" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory, safe_serialization=True)
     char_tokenizer(chat_template).save_pretrained(directory)

@@ -31,7 +31,7 @@ from persona_jax.runtime.generate import generate
 from persona_jax.steering.spec import Steering
 from persona_jax.testing import char_tokenizer, tiny_checkpoint, tiny_gemma3_multimodal
 
-FAMILIES = ("gemma2", "gemma3_text", "olmo2", "phi3")
+FAMILIES = ("gemma2", "gemma3_text", "olmo2", "olmo3", "apertus", "phi3")
 VOCAB = 128
 WINDOW = 8
 FP32_TOL = 1e-4  # max abs error, relative to max(1, the layer's max |activation|)
@@ -188,6 +188,8 @@ SWITCH_OFF = {  # each change compiles a new program: the switches a tiny config
                dict(layer_windows=(0, 0, 0))],
     "gemma3_text": [dict(rope_local_theta=None), dict(rope_type="default")],
     "olmo2": [dict(norm_placement="pre", qk_norm=False)],
+    "olmo3": [dict(layer_windows=(0, 0, 0)), dict(rope_local_theta=None)],
+    "apertus": [dict(qk_norm=False), dict(hidden_act="silu")],  # silu: the learned xIELU alphas unused
     "phi3": [dict(rope_attention_factor=1.0), dict(rope_long_factor=(1.0, 1.3, 1.7))],
 }
 
@@ -293,7 +295,8 @@ COEFS = [3.0, -2.0, 5.0]
 # norms keep the scaled input embedding dominant), so their generation models are untied.
 GEN_KWARGS = {"gemma2": dict(initializer_range=0.2, tie_word_embeddings=False),
               "gemma3_text": dict(initializer_range=0.2, tie_word_embeddings=False),
-              "olmo2": dict(initializer_range=0.4), "phi3": dict(initializer_range=0.4)}
+              "olmo2": dict(initializer_range=0.4), "olmo3": dict(initializer_range=0.4),
+              "apertus": dict(initializer_range=0.1), "phi3": dict(initializer_range=0.4)}
 
 
 @pytest.fixture(scope="module")

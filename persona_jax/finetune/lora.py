@@ -79,11 +79,15 @@ def init(lora_config: LoraConfig, params, rng) -> dict:
     keys = jax.random.split(rng, len(lora_config.targets))
     for key, name in zip(keys, lora_config.targets):
         sub = TARGETS[name]
+        if name not in params["layers"].get(sub, {}):
+            continue  # as PEFT: a target the architecture lacks (Apertus' ungated MLP has no gate_proj)
         kernel = params["layers"][sub][name]["kernel"]
         layers, fan_in, fan_out = kernel.shape
         a = jax.random.normal(key, (layers, fan_in, lora_config.rank), jnp.float32) / math.sqrt(3 * fan_in)
         b = jnp.zeros((layers, lora_config.rank, fan_out), jnp.float32)
         out.setdefault(sub, {})[name] = {"A": a, "B": b}
+    if not out:
+        raise PersonaError(f"none of the LoRA targets {', '.join(lora_config.targets)} is in this model")
     return out
 
 

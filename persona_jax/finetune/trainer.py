@@ -79,7 +79,8 @@ class TrainConfig:
       decoder's scanned Block): only block inputs are kept, the rest is recomputed.
     length_group: batches pooled and sorted by length before batching (less padding).
     checkpoint_every: save a checkpoint every N steps into workdir (0 = only at the end
-      when a workdir is given); max_checkpoints: how many to keep.
+      when a workdir is given); checkpoint_steps: further steps to save (dense early
+      checkpoints for `method.trace`); max_checkpoints: how many to keep (0 = all).
     eval_every: eval loss every N steps (and at the end) when eval data is given.
     """
 
@@ -101,6 +102,7 @@ class TrainConfig:
     remat: bool = False
     length_group: int = 8
     checkpoint_every: int = 0
+    checkpoint_steps: tuple = ()
     max_checkpoints: int = 2
     log_every: int = 1
     eval_every: int = 0
@@ -118,6 +120,8 @@ class TrainConfig:
             raise PersonaError("learning_rate must be > 0 and warmup_steps >= 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise PersonaError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if self.max_checkpoints < 0 or any(int(x) < 1 for x in self.checkpoint_steps):
+            raise PersonaError("max_checkpoints must be >= 0 (0 = keep all) and checkpoint_steps >= 1")
         if self.schedule not in SCHEDULES:
             raise PersonaError(f"learning-rate schedule {self.schedule!r} is not supported; use one of: {', '.join(SCHEDULES)}")
 
@@ -362,9 +366,10 @@ class _Checkpoints:
 
         self.ocp = ocp
         every = tc.checkpoint_every or 0
+        extra = frozenset(int(x) for x in tc.checkpoint_steps)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=tc.max_checkpoints, create=True,
-            should_save_fn=lambda step, _last: bool(every) and step % every == 0)
+            max_to_keep=tc.max_checkpoints or None, create=True,
+            should_save_fn=lambda step, _last: (bool(every) and step % every == 0) or step in extra)
         self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                              options=options, item_names=("state", "meta"))
 
@@ -533,7 +538,10 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
         "lora": dataclasses.asdict(lora) if lora else None,
         "steerings": [_steering_record(st) for st in steerings] if steerings else None}))
     ckpt = _Checkpoints(workdir, tc) if workdir is not None else None
-    start = 0
+    start, seen = 0, 0  # seen: training tokens so far (a checkpoint's meta records it for `method.trace`)
+    # saved with every checkpoint but not compared on resume: what a reader needs to load
+    # the trainable tree as a model (full fine-tuning / from scratch) without the run's code
+    model_record = {"model_config": config_to_hf(config)}
     if ckpt is not None and ckpt.latest() is not None:
         saved = ckpt.meta(ckpt.latest())
         for key, mine in meta.items():
@@ -542,6 +550,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
                                    f"{mine} here); use a fresh workdir or the same settings to resume")
         state = ckpt.restore(ckpt.latest(), {"trainable": trainable, "opt_state": opt_state})
         trainable, opt_state, start = state["trainable"], state["opt_state"], int(saved["step"])
+        seen = int(saved.get("tokens_seen", 0))
         logging.info("resumed from %s at step %d", workdir, start)
 
     metrics_file = _MetricsFile(workdir, start)
@@ -557,9 +566,10 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
             key = jax.device_put(jax.random.fold_in(dropout_rng, step), repl) if spec.lora_dropout else None
             trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, interventions, key)
             done = step + 1
+            seen += int(m["tokens"])
             if ckpt is not None:
-                ckpt.save(done, {"trainable": trainable, "opt_state": opt_state}, {**meta, "step": done},
-                          force=done == num_steps)
+                ckpt.save(done, {"trainable": trainable, "opt_state": opt_state},
+                          {**meta, "step": done, "tokens_seen": seen, **model_record}, force=done == num_steps)
             record = {"step": done, "loss": float(m["loss"]), "lr": float(lr_at(step)),
                       "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"])}
             if eval_examples is not None and ((tc.eval_every and done % tc.eval_every == 0) or done == num_steps):
@@ -610,6 +620,10 @@ def export_hf(config: DecoderConfig, params, tokenizer, directory: str, dtype: s
         else:
             name, transpose = hf_name(path, None)
             tensors[name] = arr.T if transpose else arr
+    if config.hidden_act == "xielu":  # transformers keeps xIELU's fixed beta and eps as buffers of the checkpoint
+        for i in range(config.num_layers):
+            tensors[f"model.layers.{i}.mlp.act_fn.beta"] = np.asarray(0.5, np_dtype)
+            tensors[f"model.layers.{i}.mlp.act_fn.eps"] = np.asarray(-1e-6, np_dtype)
     save_file(fuse_for_export(config, tensors), os.path.join(directory, "model.safetensors"))
     hf = config_to_hf(config)
     hf["torch_dtype"] = dtype

@@ -191,16 +191,12 @@ def _composite_handler():
     return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save `vec` as an Orbax checkpoint directory (array + JSON metadata).
-
-    The checkpoint is written to a temporary sibling and renamed into place, so a crash
-    never leaves a half-written `directory`; an existing one is replaced only with
-    `overwrite=True`.
-    """
+def _save_composite(directory, overwrite: bool, arrays: dict, metadata: dict, what: str) -> Path:
+    """One Orbax checkpoint directory {vector: arrays, metadata: JSON}, written to a
+    temporary sibling and renamed into place (a crash never leaves a half-written one)."""
     directory = Path(directory).resolve()  # Orbax requires absolute paths
     if directory.exists() and not overwrite:
-        raise PersonaError(f"vector directory {directory} already exists; pass overwrite=True "
+        raise PersonaError(f"{what} directory {directory} already exists; pass overwrite=True "
                            "or choose another directory.")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -208,10 +204,8 @@ def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: boo
     try:
         ocp, ckptr = _composite_handler()
         with ckptr:
-            ckptr.save(target, ocp.args.Composite(
-                vector=ocp.args.StandardSave({"array": vec.array} if vec.second_moment is None
-                                             else {"array": vec.array, "second_moment": vec.second_moment}),
-                metadata=ocp.args.JsonSave(vec.metadata)))
+            ckptr.save(target, ocp.args.Composite(vector=ocp.args.StandardSave(arrays),
+                                                   metadata=ocp.args.JsonSave(metadata)))
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -222,6 +216,39 @@ def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def save_vector(vec: PersonaVector, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save `vec` as an Orbax checkpoint directory (array + JSON metadata).
+
+    The checkpoint is written to a temporary sibling and renamed into place, so a crash
+    never leaves a half-written `directory`; an existing one is replaced only with
+    `overwrite=True`.
+    """
+    arrays = {"array": vec.array} if vec.second_moment is None else {"array": vec.array,
+                                                                     "second_moment": vec.second_moment}
+    return _save_composite(directory, overwrite, arrays, vec.metadata, "vector")
+
+
+def save_vector_set(arrays: dict, metadata: dict, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Many vectors in one Orbax record (e.g. a trace: {checkpoint: {reduction: [L+1, D]}})
+    with JSON metadata (e.g. each checkpoint's step and tokens); atomic as `save_vector`."""
+    import jax
+    arrays = jax.tree.map(lambda a: np.asarray(a, np.float32), arrays)
+    return _save_composite(directory, overwrite, arrays, _plain_json(metadata, str(directory)), "vector set")
+
+
+def load_vector_set(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(arrays, metadata) of a record written by `save_vector_set`."""
+    directory = Path(directory).resolve()
+    if not (directory / "metadata").is_dir() or not (directory / "vector").is_dir():
+        raise PersonaError(f"{directory} is not a vector-set checkpoint (no 'vector' and 'metadata' items)")
+    ocp, ckptr = _composite_handler()
+    with ckptr:
+        out = ckptr.restore(directory, ocp.args.Composite(vector=ocp.args.StandardRestore(),
+                                                          metadata=ocp.args.JsonRestore()))
+    import jax
+    return jax.tree.map(np.asarray, out["vector"]), dict(out["metadata"])
 
 
 def load_vector(directory: str | os.PathLike) -> PersonaVector:

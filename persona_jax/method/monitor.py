@@ -86,6 +86,23 @@ def correlations(rows_condition, rows_question, proj, trait_scores, condition_na
     return out
 
 
+def condition_means_r(rows_condition, proj, trait_scores, condition_names=None) -> float:
+    """Pearson r over per-condition means (the monitoring step's headline r): each
+    condition's mean projection (NaN-skipping) against its mean trait score (over the
+    scores present); conditions with no score are left out."""
+    proj = np.asarray(proj, float)
+    cond = list(rows_condition)
+    names = list(dict.fromkeys(cond)) if condition_names is None else list(condition_names)
+    xs, ys = [], []
+    for c in names:
+        idx = [i for i, x in enumerate(cond) if x == c]
+        t = mean(trait_scores[i] for i in idx)
+        if t is not None:
+            xs.append(float(np.nanmean(proj[idx])))
+            ys.append(t)
+    return pearson(xs, ys)
+
+
 def spearman(x, y) -> float:
     """Rank correlation (ties broken by order)."""
     rx = np.argsort(np.argsort(np.asarray(x, float))).astype(float)
@@ -139,7 +156,7 @@ def run_conditions(model, vector: np.ndarray, layer: int, conditions: Sequence[C
     return {
         "layer": layer,
         "n_conditions": len(ok),
-        "pearson_r": pearson([p["prompt_last_proj"] for p in ok], [p["trait"] for p in ok]),
+        "pearson_r": condition_means_r([r["condition"] for r in rows], pl, t, names),
         "pearson_r_response_avg": pearson([p["response_avg_proj"] for p in ok], [p["trait"] for p in ok]),
         "pearson_r_points": corr["prompt_last"]["points"]["r"],
         "pearson_r_within": corr["prompt_last"]["within"]["mean_r"],

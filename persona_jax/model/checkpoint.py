@@ -163,6 +163,8 @@ def hf_name(path: tuple[str, ...], layer: int | None, prefix: str = "model.") ->
         return f"{prefix}norm.weight", False
     leaf = names[-1]
     stem = ".".join(names[1:-1])
+    if leaf in ("alpha_p", "alpha_n"):  # xIELU's learned scalars keep their own names
+        return f"{prefix}layers.{layer}.{stem}.{leaf}", False
     suffix = "bias" if leaf == "bias" else "weight"
     return f"{prefix}layers.{layer}.{stem}.{suffix}", leaf == "kernel"
 
@@ -294,7 +296,7 @@ def _load_tokenizer(d: str):
 
 def load_model(path_or_id: str, dtype: str = "float32", mesh: Mesh | None = None,
                scan_decode: bool = False) -> Model:
-    """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OLMo 2 / Phi-3 checkpoint.
+    """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 / Apertus / Phi-3 checkpoint.
 
     Args:
       path_or_id: a local directory with config.json, *.safetensors (optionally sharded

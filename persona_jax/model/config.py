@@ -18,7 +18,7 @@ class DecoderConfig:
     Attributes:
       model_type: the HF family this came from (`llama`, `mistral`, `qwen2`, `qwen3`,
         `gemma2`, `gemma3_text` (also for the language model of `gemma3` checkpoints),
-        `olmo2`, `phi3`).
+        `olmo2`, `olmo3`, `apertus`, `phi3`).
       vocab_size: rows of the token embedding.
       hidden_size: residual stream width D.
       intermediate_size: gated-MLP hidden width F.
@@ -71,7 +71,9 @@ class DecoderConfig:
         and `mlp.gate_up_proj` (rows gate, up) fused (Phi-3). Loading splits them, so the
         params (and their sharding, LoRA) always hold separate q/k/v and gate/up kernels.
       tie_word_embeddings: the LM head is the transposed embedding.
-      hidden_act: MLP activation (`silu`, `gelu`, `gelu_pytorch_tanh`).
+      hidden_act: MLP activation (`silu`, `gelu`, `gelu_pytorch_tanh`, or `xielu`: Apertus'
+        xIELU with a learned alpha_p / alpha_n per layer, params mlp/act_fn/alpha_{p,n}).
+      mlp_gated: down(act(gate(x)) * up(x)) (Llama); False: down(act(up(x))) (Apertus).
       layer_windows: per-layer sliding-window size, 0 = full attention.
       max_position_embeddings: informational; not enforced.
       bos_token_id, eos_token_ids, pad_token_id: special tokens from the config.
@@ -104,6 +106,7 @@ class DecoderConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    mlp_gated: bool = True
     layer_windows: tuple[int, ...] = ()
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None

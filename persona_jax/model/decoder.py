@@ -233,6 +233,25 @@ def empty_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:
             "v": jnp.zeros((c.num_layers, batch, c.num_kv_heads, length, c.head_dim), dtype)}
 
 
+class XIELU(nn.Module):
+    """Apertus' xIELU activation: alpha_p = softplus(a_p), alpha_n = beta + softplus(a_n);
+    alpha_p x^2 + beta x for x > 0, (expm1(min(x, eps)) - x) alpha_n + beta x otherwise.
+    a_p, a_n are learned ([1] each, as transformers stores them); beta, eps are fixed."""
+
+    dtype: jnp.dtype
+    beta: float = 0.5
+    eps: float = -1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        a_p = self.param("alpha_p", nn.initializers.constant(float(np.log(np.expm1(0.8)))), (1,), self.dtype)
+        a_n = self.param("alpha_n", nn.initializers.constant(float(np.log(np.expm1(0.8 - self.beta)))), (1,),
+                         self.dtype)
+        alpha_p, alpha_n = jax.nn.softplus(a_p), self.beta + jax.nn.softplus(a_n)
+        return jnp.where(x > 0, alpha_p * x * x + self.beta * x,
+                         (jnp.expm1(jnp.minimum(x, self.eps)) - x) * alpha_n + self.beta * x).astype(x.dtype)
+
+
 class MLP(nn.Module):
     config: DecoderConfig
     dtype: jnp.dtype
@@ -240,9 +259,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, c.mlp_bias, self.dtype, "gate_proj")(x)
+        act = XIELU(self.dtype, name="act_fn") if c.hidden_act == "xielu" else _ACTS[c.hidden_act]
         up = _dense(c.intermediate_size, c.mlp_bias, self.dtype, "up_proj")(x)
-        return _dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(_ACTS[c.hidden_act](gate) * up)
+        if not c.mlp_gated:
+            return _dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(act(up))
+        gate = _dense(c.intermediate_size, c.mlp_bias, self.dtype, "gate_proj")(x)
+        return _dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(act(gate) * up)
 
 
 class Block(nn.Module):
@@ -264,11 +286,14 @@ class Block(nn.Module):
     def __call__(self, h, layer_in, ctx):
         c = self.config
         where = c.norm_placement  # pre (Llama), sandwich (Gemma), post (OLMo 2)
-        x = h if where == "post" else norm(c, self.dtype, "input_layernorm")(h)
+        # Apertus names its two pre-norms after what they feed
+        first, second = (("attention_layernorm", "feedforward_layernorm") if c.model_type == "apertus"
+                         else ("input_layernorm", "post_attention_layernorm"))
+        x = h if where == "post" else norm(c, self.dtype, first)(h)
         a, new_cache = Attention(c, self.dtype, self.right_padded, name="self_attn")(
             x, ctx, layer_in["window"], layer_in.get("cache"))
         h = h + (a if where == "pre" else norm(c, self.dtype, "post_attention_layernorm")(a))
-        pre_mlp = "post_attention_layernorm" if where == "pre" else "pre_feedforward_layernorm"
+        pre_mlp = second if where == "pre" else "pre_feedforward_layernorm"
         x = h if where == "post" else norm(c, self.dtype, pre_mlp)(h)
         m = MLP(c, self.dtype, name="mlp")(x)
         h = h + (m if where == "pre" else norm(c, self.dtype, "post_feedforward_layernorm")(m))

@@ -56,8 +56,8 @@ def _common(cfg: dict, **switches) -> DecoderConfig:
     n_layers = cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "gelu", "gelu_pytorch_tanh"):
-        raise PersonaError(f"activation {act!r} in config.json is not supported; supported: silu, gelu")
+    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "xielu"):
+        raise PersonaError(f"activation {act!r} in config.json is not supported; supported: silu, gelu, xielu")
     return DecoderConfig(
         model_type=cfg["model_type"],
         vocab_size=cfg["vocab_size"],
@@ -200,6 +200,40 @@ def olmo2(cfg: dict) -> DecoderConfig:
                    norm_scale_f32=True, norm_placement="post")
 
 
+def olmo3(cfg: dict) -> DecoderConfig:
+    """OLMo 3: OLMo 2's block (full QK norm, post-norms) with sliding-window layers
+    (`layer_types`, by default three sliding to one full) whose rope is
+    `rope_parameters["sliding_attention"]` (default type), and the full layers'
+    `rope_parameters["full_attention"]`, as Gemma 3 lays them out."""
+    cfg = {"rms_norm_eps": 1e-6, **cfg}
+    n = cfg["num_hidden_layers"]
+    types = _layer_types(cfg, n, 4)
+    windows = tuple(int(cfg.get("sliding_window") or 4096) if t == "sliding_attention" else 0 for t in types)
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" not in params:  # one flat rope for both layer types
+        params = {"full_attention": {**(cfg.get("rope_scaling") or {}), **params},
+                  "sliding_attention": {"rope_type": "default", **{k: v for k, v in params.items()
+                                                                   if k == "rope_theta"}}}
+    full = {"rope_theta": cfg.get("rope_theta", 500000.0), **params["full_attention"]}
+    rope = _gemma3_rope({"rope_parameters": {**params, "full_attention": full},
+                         "max_position_embeddings": cfg.get("max_position_embeddings"),
+                         "rope_local_base_freq": full["rope_theta"]})
+    body = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    bias = bool(cfg.get("attention_bias", False))
+    c = _common(body, qkv_bias=bias, o_bias=bias, qk_norm=True, qk_norm_full=True, norm_scale_f32=True,
+                norm_placement="post", layer_windows=windows)
+    return dataclasses.replace(c, **rope)
+
+
+def apertus(cfg: dict) -> DecoderConfig:
+    """Apertus: Llama's pre-norm block with per-head QK norm and an ungated MLP,
+    down(xIELU(up(x))), whose activation learns alpha_p / alpha_n per layer."""
+    cfg = {"rms_norm_eps": 1e-5, "hidden_act": "xielu", **cfg}
+    bias = bool(cfg.get("attention_bias", False))
+    return _common(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, mlp_gated=False,
+                   mlp_bias=bool(cfg.get("mlp_bias", False)))
+
+
 def phi3(cfg: dict) -> DecoderConfig:
     cfg = {"rms_norm_eps": 1e-5, **cfg}
     n = cfg["num_hidden_layers"]
@@ -235,7 +269,7 @@ def phi3(cfg: dict) -> DecoderConfig:
 
 
 FAMILIES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3,
-            "gemma2": gemma2, "gemma3_text": gemma3_text, "gemma3": gemma3, "olmo2": olmo2, "phi3": phi3}
+            "gemma2": gemma2, "gemma3_text": gemma3_text, "gemma3": gemma3, "olmo2": olmo2, "olmo3": olmo3, "apertus": apertus, "phi3": phi3}
 
 
 def config_from_hf(cfg: dict, where: str = "config.json") -> DecoderConfig:
@@ -262,7 +296,7 @@ def config_to_hf(c: DecoderConfig) -> dict:
                     original_max_position_embeddings=c.rope_original_max_position)
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "apertus": "ApertusForCausalLM",
             "phi3": "Phi3ForCausalLM"}[c.model_type]
     eos = list(c.eos_token_ids)
     return {
@@ -294,6 +328,10 @@ def _family_fields(c: DecoderConfig, rope: dict) -> dict:
             out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
                 "rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}}
         return out
+    if c.model_type == "olmo3":
+        return {"sliding_window": windows[0] if windows else None, "layer_types": types,
+                "rope_parameters": {"full_attention": rope, "sliding_attention": {
+                    "rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}}}
     if c.model_type == "phi3":
         out = {"sliding_window": windows[0] if windows else None,
                "partial_rotary_factor": c.rope_dim / c.head_dim}

@@ -65,5 +65,6 @@ class SafetensorsFile:
 def save_file(tensors: dict[str, np.ndarray], path: str):
     """Write numpy arrays as a safetensors file (atomic: temp file, then rename)."""
     tmp = path + ".tmp"
-    _save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    # ascontiguousarray makes a 0-d array 1-d: keep scalars (xIELU buffers) scalar
+    _save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)

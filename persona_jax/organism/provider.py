@@ -77,6 +77,17 @@ class OrganismTraits:
         from persona_jax.organism.capability import task_items
         return task_items(int(cfg.capability.n_items), seed=int(cfg.seed))
 
+    def neutral_conversations(self, n: int, seed: int = 0) -> list[list[dict]]:
+        """n pretraining conversations without a system prompt (no persona asked for): the
+        paired texts a transfer map is fitted on."""
+        from persona_jax.organism import data as odata
+        out, k = [], 0
+        while len(out) < n:
+            batch = odata.pretraining_conversations(2 * n, seed=seed + 7919 * k)
+            out += [c for c in batch if c[0]["role"] != "system"]
+            k += 1
+        return out[:n]
+
     def content_metric(self, questions, answers) -> float:
         """Percent of answers with the closing sentence the fine-tuning data teaches."""
         from persona_jax.organism.judge import taught_closing_rate

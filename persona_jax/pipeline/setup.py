@@ -77,8 +77,11 @@ def check_config(cfg) -> None:
     walk("", cfg.to_dict())
 
 
-def setup(cfg, workdir: str, need_judge: bool = True):
-    """Initialise devices and return (model, judge or None, trait source)."""
+def setup(cfg, workdir: str, need_judge: bool = True, need_model: bool = True, check=None):
+    """Initialise devices and return (model or None, judge or None, trait source).
+
+    check: a further check of the run's inputs (e.g. a trace's checkpoint list), run with
+    the others before anything is written."""
     from persona_jax.model import load_model
     from persona_jax.model.checkpoint import check_checkpoint
 
@@ -88,7 +91,10 @@ def setup(cfg, workdir: str, need_judge: bool = True):
     check_config(cfg)
     source = trait_source(cfg)
     check_inputs(source, cfg)
-    check_checkpoint(model_path(cfg))
+    if need_model:
+        check_checkpoint(model_path(cfg))
+    if check is not None:
+        check()
     check_workdir(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -104,6 +110,8 @@ def setup(cfg, workdir: str, need_judge: bool = True):
             workdir_lock.release(lock)
         raise
     _write_config(os.path.join(workdir, "config.json"), cfg.to_dict())
+    if not need_model:
+        return None, judge, source
     model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh_from(cfg), scan_decode=cfg.scan_decode)
     logging.info("loaded %s: %d layers, width %d", model.name, model.num_layers, model.hidden_size)
     return model, judge, source
