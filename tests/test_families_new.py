@@ -82,7 +82,11 @@ def pad(seqs, left):
 
 # ----------------------------------------------------------------------------- config
 def test_configs_carry_the_family_switches(ckpts):
-    g2, g3, olmo, phi = (ckpts[f][2].config for f in FAMILIES)
+    g2, g3, olmo, olmo3, apertus, phi = (ckpts[f][2].config for f in ("gemma2", "gemma3_text", "olmo2", "olmo3",
+                                                                       "apertus", "phi3"))
+    assert olmo3.layer_windows == (WINDOW, 0, WINDOW) and olmo3.qk_norm_full and olmo3.rope_local_theta == 10000.0
+    assert olmo3.rope_type == "llama3" and apertus.hidden_act == "xielu" and not apertus.mlp_gated
+    assert apertus.qk_norm and not apertus.qk_norm_full
     assert g2.layer_windows == (WINDOW, 0, WINDOW) and g2.attn_logit_softcap == 3.0
     assert g2.final_logit_softcap == 2.0 and g2.query_pre_attn_scalar == 24 and g2.norm_offset == 1
     assert g2.norm_placement == g3.norm_placement == "sandwich" and g2.embed_scale == 48 ** 0.5
