@@ -128,8 +128,39 @@ def decode_floor(model, repeats):
     kv = 2 * c.num_layers * b * c.num_kv_heads * c.head_dim * live * item
     bw = stream_bandwidth()
     floor = (weights + kv) / bw
+    mm = matmul_floor(model, b, repeats)
     return {"step_ms": step * 1e3, "byte_floor_ms": floor * 1e3, "step_over_floor": step / floor,
-            "weights_bytes": weights, "live_kv_bytes": kv, "stream_GBps": bw / 1e9}
+            "weights_bytes": weights, "live_kv_bytes": kv, "stream_GBps": bw / 1e9,
+            "matmuls_xla_ms": mm["xla"] * 1e3, "matmuls_numpy_ms": mm["numpy"] * 1e3,
+            "matmuls_xla_over_floor": mm["xla"] / floor, "matmuls_numpy_over_floor": mm["numpy"] / floor}
+
+
+def matmul_floor(model, b, repeats):
+    """Seconds of the step's weight matmuls alone at batch b (every block's projections
+    and the LM head, nothing else), in one jitted XLA program and in numpy (OpenBLAS),
+    best of several: what a step costs on this machine before attention, sampling or any
+    other op, at the GEMM rate these libraries reach for b rows."""
+    import jax
+    import jax.numpy as jnp
+    from persona_jax.model.decoder import head_kernel
+    mats = [np.asarray(x, np.float32) for x in jax.tree.leaves(model.params["layers"]) if np.ndim(x) == 3]
+    ws = [m[l] for l in range(model.config.num_layers) for m in mats] + [
+        np.asarray(head_kernel(model.config, model.params), np.float32)]
+    xs = [np.random.RandomState(i).randn(b, w.shape[0]).astype(np.float32) for i, w in enumerate(ws)]
+    jws, jxs = [jnp.asarray(w) for w in ws], [jnp.asarray(x) for x in xs]
+    xla = jax.jit(lambda xs, ws: [jnp.dot(x, w) for x, w in zip(xs, ws)])
+    fns = {"numpy": lambda: [np.dot(x, w) for x, w in zip(xs, ws)],
+           "xla": lambda: jax.block_until_ready(xla(jxs, jws))}
+    out = {}
+    for name, f in fns.items():
+        f()
+        best = np.inf
+        for _ in range(30 * max(1, repeats)):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        out[name] = best
+    return out
 
 
 def main():

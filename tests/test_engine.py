@@ -57,6 +57,36 @@ def test_mixed_limits_greedy_and_steering_match_hf(llama, vec, layer_loop):
     assert sum(a != b for a, b in zip(got_s, got)) >= 4  # the steering acted
 
 
+def test_the_drain_moves_to_a_small_pool_and_still_matches_hf(llama, vec):
+    """24 requests (the 8 prompts three times, other limits) through 16 slots: once nothing
+    waits and at most 8 rows live, the engine compacts them into an 8-slot pool
+    (`engine.compact`). Each row still equals transformers' greedy continuation cut at its
+    limit, plain and with per-row steering (the coefficients move with their rows)."""
+    _, torch_model, model = llama
+    prompts = (PROMPTS + EXTRA) * 3
+    limits = [int(x) for x in np.random.RandomState(5).randint(1, 41, size=len(prompts))]
+    limits[-1] = 40  # one long request keeps the drain going
+    calls = []
+    real = engine.compact
+
+    def spy(state, ids):
+        calls.append(np.asarray(ids).tolist())
+        return real(state, ids)
+    import unittest.mock
+    with unittest.mock.patch.object(engine, "compact", spy):
+        got = generate(model, prompts, limits, temperature=0, batch_size=16, return_tokens=True).tokens
+        coefs = [float(c) for c in np.linspace(-4, 4, len(prompts))]
+        steer = Steering(vec, layer=2, coef=coefs, positions="response")
+        got_s = generate(model, prompts, limits, temperature=0, batch_size=16, return_tokens=True,
+                         steering=steer).tokens
+    assert len(calls) == 2 and all(len(c) == 8 for c in calls), calls
+    ref = hf_generate(torch_model, model.tokenizer, PROMPTS + EXTRA, 40)
+    assert got == [ref[i % 8][:m] for i, m in enumerate(limits)]
+    ref_s = hf_generate(torch_model, model.tokenizer, prompts, 40, hooks=[(2, add_hook(vec[2], coefs, "response"))])
+    assert got_s == [r[:m] for r, m in zip(ref_s, limits)]
+    assert sum(a != b for a, b in zip(got_s, got)) >= 8  # the steering acted
+
+
 def _requests(n, limits, ids):
     return [engine.Request(ids[i % len(ids)], i, limits[i], 1, 1.0, 20 if i % 3 == 0 else 0,
                            0.9 if i % 2 else 1.0) for i in range(n)]
@@ -145,7 +175,8 @@ def test_host_key_equals_prng_key():
 def test_a_ragged_call_compiles_a_bounded_set_of_programs(llama):
     """A first ragged, sampled call (prompts of two width buckets, rows ending at EOS or
     their own limits, short refill groups) obtains at most 6 programs: one decode, one
-    insert per prompt bucket, the state initialiser; the same call again obtains none."""
+    insert per prompt bucket, the state initialiser (8 slots: no drain pool); the same
+    call again obtains none."""
     import jax
     from persona_jax.runtime.compile_count import counting
     _, _, model = llama

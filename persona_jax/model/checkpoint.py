@@ -46,6 +46,9 @@ class Model:
     name: str = ""
     scan_decode: bool = False
     steering: tuple = ()
+    # (the params["layers"] they view, LayerViews or None): built once per model, dying
+    # with it (a module-level cache would pin the weights); `dataclasses.replace` drops it
+    _views: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dtype(self):
@@ -59,6 +62,19 @@ class Model:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    def layer_views(self):
+        """Per-layer views of the block weights that alias the stacked params
+        (`model.layer_views`; CPU), or None where the backend slices inside the program.
+        Built on the first call and kept while `params["layers"]` is the same object."""
+        from persona_jax.model.layer_views import layer_views
+        layers = self.params["layers"]
+        stale = self._views is None or self._views[0] is not layers
+        if not stale and any(x.is_deleted() for x in jax.tree.leaves(layers)):  # donated: the views would dangle
+            stale = True
+        if stale:
+            self._views = (layers, layer_views(layers, self.config.num_layers))
+        return self._views[1]
 
     def require_tokenizer(self):
         if self.tokenizer is None:

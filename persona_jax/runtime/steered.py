@@ -70,6 +70,8 @@ def steer(model: Model, vector, layer=None, coef=1.0, positions: str = "all", ki
                                "or a ready pj.Steering in place of the vector")
         s = Steering(vector, layer=layer, coef=coef, positions=positions, kind=kind, site=site)
     validate_all(as_list(s), model.num_layers, model.hidden_size, None, steering_sites(model.config))
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model)}
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model) if f.init}
     fields["steering"] = tuple(model.steering) + (s,)
-    return SteeredModel(**fields, base=model)
+    steered = SteeredModel(**fields, base=model)
+    steered._views = model._views  # the same weights: the same per-layer views
+    return steered
