@@ -18,7 +18,9 @@ Geometric(5/320): mean ~64, a few % at the cap). Everything is measured in this 
   rounds;
 * the decode step at batch 16 against its byte floor: (t(96 new) - t(32 new)) / 64 of the
   engine on 80-160-token prompts, over (weights read per step + the live KV columns a step
-  must read, on average) / the stream bandwidth (numpy copy of 512 MB) measured here.
+  must read, on average) / the stream bandwidth (numpy copy of 512 MB) measured here;
+  beside it the step's weight matmuls alone at batch 16, in XLA and in numpy, over the
+  same floor (what the machine's GEMM rate at 16 rows leaves of it).
 """
 from __future__ import annotations
 
