@@ -16,6 +16,8 @@ Geometric(5/320): mean ~64, a few % at the cap). Everything is measured in this 
   at a fixed length (EOS suppressed) equal to the ragged mean (`fixed_mean`, slots sized
   for it) and equal to the cap (`fixed_cap`), each the median of `--repeats` interleaved
   rounds;
+* the full-ring ceiling: the decode step at 32 slots over the ragged call's ring and over
+  the fixed-mean call's (`full_ring_ceiling`), whose ratio bounds the first efficiency;
 * the decode step at batch 16 against its byte floor: (t(96 new) - t(32 new)) / 64 of the
   engine on 80-160-token prompts, over (weights read per step + the live KV columns a step
   must read, on average) / the stream bandwidth (numpy copy of 512 MB) measured here;
@@ -93,6 +95,27 @@ def timed(fns: dict, repeats: int) -> dict:
             res[k] = f()
             ts[k].append(time.perf_counter() - t)
     return {k: (float(np.median(v)), res[k]) for k, v in ts.items()}
+
+
+def full_ring_ceiling(model, prompts, mean, cap, repeats, slots=32):
+    """The decode step at `slots` rows over the ragged call's ring (prompt bucket + cap)
+    and over the fixed-mean call's (prompt bucket + mean, rounded up to 16), each
+    (t(3n new) - t(n new)) / 2n with n = mean // 4, on the first `slots` prompts. A step
+    reads every column of its ring (the XLA:CPU dot has no per-row length), so their
+    ratio bounds the ragged efficiency against the fixed-mean run of any scheduler on
+    this path, with every slot busy and prefill free."""
+    from persona_jax.runtime import apply, engine
+    from persona_jax.runtime.generate import render_prompts, tokenize
+    ids = tokenize(model, render_prompts(model, prompts[:slots]))
+    n = max(4, mean // 4)
+
+    def new(k, ring_new):
+        return engine.generate_tokens(model, ids, [k] * slots, 0.0, 1.0, None, k, 0, [],
+                                      apply.steering_sites(model.config), slots, chunk=128, max_new=ring_new)
+    r = timed({f"{w}_{k}": (lambda k=k, w=w: new(k, w)) for w in (mean, cap) for k in (n, 3 * n)}, repeats)
+    step = {w: (r[f"{w}_{3 * n}"][0] - r[f"{w}_{n}"][0]) / (2 * n) for w in (mean, cap)}
+    return {"slots": slots, "step_ms_mean_ring": step[mean] * 1e3, "step_ms_cap_ring": step[cap] * 1e3,
+            "ceiling_vs_fixed_mean": step[mean] / step[cap]}
 
 
 def stream_bandwidth() -> float:
@@ -213,6 +236,7 @@ def main():
                          "tokens_per_s": tps, "seconds": {k: v[0] for k, v in r.items()},
                          "efficiency_vs_fixed_mean": tps["ragged"] / tps["fixed_mean"],
                          "efficiency_vs_fixed_cap": tps["ragged"] / tps["fixed_cap"]}
+        out["ragged"]["full_ring"] = full_ring_ceiling(model, prompts, mean, args.cap, args.repeats)
         print("ragged:", json.dumps(out["ragged"]), flush=True)
         out["decode_b16"] = decode_floor(model, args.repeats)
         print("decode batch 16:", json.dumps(out["decode_b16"]), flush=True)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
 import numpy as np
 
 from persona_jax.errors import PersonaError
 from persona_jax.io import vectors as vec_io
-from persona_jax.io.atomic import atomic_path
+from persona_jax.io.atomic import atomic_open
 from persona_jax.io.csvio import read_csv
 from persona_jax.io.distributed import writer_only
 from persona_jax.method import extract as ex
+from persona_jax.method import responses as resp
 from persona_jax.method import trace as tr
 from persona_jax.model import checkpoint_list as cl
 from persona_jax.pipeline import registry
@@ -84,10 +84,16 @@ def ensure_steps(model_fn, judge, source, cfg, d, steps, progress):
 
 
 @writer_only
-def _save_npz(path, arrays):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+def _write(path, write, mode: str = "wb"):
+    """`write(f)` into `path`, atomically, on the writing process only."""
+    with atomic_open(path, mode) as f:
+        write(f)
+
+
+def _first(ckpts, i) -> dict:
+    """The checkpoint a first-crossing index names (None: no checkpoint crossed)."""
+    return {"index": i, "name": None if i is None else ckpts[i].name, "step": None if i is None else ckpts[i].step,
+            "fraction": tr.run_fraction(ckpts, i)}
 
 
 def _check_same_run(workdir, ckpts):
@@ -145,7 +151,7 @@ def run(cfg, workdir: str, judge, source, progress: bool = True) -> dict:
             vecs, _ = ex.vectors_from_rows(model, pos, neg, name, rule, int(cfg.extract.capture_batch_size),
                                            progress=False, where=f"{final_dir}/{name}")
             arrays.update({f"{name}/{r}": v for r, v in vecs.items()})
-        _save_npz(vec_paths[i], arrays)
+        _write(vec_paths[i], lambda f: np.savez(f, **arrays))
         del model
     loaded = [dict(np.load(p)) for p in vec_paths]
     vectors = {name: [{r: a[f"{name}/{r}"] for r in REDUCTIONS} for a in loaded] for name in cfg.traits}
@@ -178,17 +184,12 @@ def run(cfg, workdir: str, judge, source, progress: bool = True) -> dict:
             entry["monitor_r"] = _monitoring(cfg, target, target_dir, name, vectors[name], d)
         cos_i = tr.first_reaching(entry["cos_final"], float(t.cosine_threshold))
         share_i = tr.first_reaching([s["share"] for s in entry["steering"]], float(t.share_threshold))
-        entry["first_cosine"] = {"index": cos_i, "name": None if cos_i is None else ckpts[cos_i].name,
-                                 "step": None if cos_i is None else ckpts[cos_i].step,
-                                 "fraction": tr.run_fraction(ckpts, cos_i)}
-        entry["first_share"] = {"index": share_i, "name": None if share_i is None else ckpts[share_i].name,
-                                "step": None if share_i is None else ckpts[share_i].step,
-                                "fraction": tr.run_fraction(ckpts, share_i)}
+        entry["first_cosine"], entry["first_share"] = _first(ckpts, cos_i), _first(ckpts, share_i)
         report["traits"][name] = entry
 
     # 4. outputs
     core.write_summary(os.path.join(workdir, "trace.json"), report)
-    _write_text(os.path.join(workdir, "trace.md"), tr.markdown(report))
+    _write(os.path.join(workdir, "trace.md"), lambda f: f.write(tr.markdown(report) + "\n"), "w")
     tr.plot(report, ckpts, os.path.join(workdir, "trace.png"))
     _save_record(workdir, ckpts, vectors)
     return report
@@ -242,29 +243,10 @@ def _monitoring(cfg, target, target_dir, name, vecs, d):
                        batch_size=int(cfg.extract.capture_batch_size))
         states = np.full((len(rows), target.hidden_size), np.nan, np.float32)
         states[caps["kept"]] = caps["prompt_last"][:, layer]
-        _save_npy(states_path, states)
-    scores = _scores(rows, name)
+        _write(states_path, lambda f: np.save(f, states))
+    scores = resp.scores(rows, name, "monitor.csv")
     conds = [r["condition"] for r in rows]
     return [tr.monitor_r(states, v[cfg.monitor.reduction][layer], conds, scores) for v in vecs]
-
-
-def _scores(rows, name):
-    from persona_jax.method.responses import scores
-    return scores(rows, name, "monitor.csv")
-
-
-@writer_only
-def _save_npy(path, arr):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-
-
-@writer_only
-def _write_text(path, text):
-    from persona_jax.io.atomic import atomic_open
-    with atomic_open(path) as f:
-        f.write(text + "\n")
 
 
 @writer_only

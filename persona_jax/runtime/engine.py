@@ -540,6 +540,10 @@ class Engine:
         self.control = control
         self.records: dict[int, dict] = {}  # per finished input: the control's records
         self.multiple = batching.batch_multiple(mesh)
+        if jax.default_backend() == "cpu":  # a group no larger than a refill (at least 4 rows):
+            # there prefill is matmul-bound, and a refill of 4 slots padded to a group of 8
+            # prefilled twice its tokens (the ragged benchmark at 32 slots: 4.9 -> 4.55 s)
+            prefill_batch = min(prefill_batch, max(4, int(spec.slots * refill_fraction)))
         self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
         self.chunk, self.refill_fraction = chunk, refill_fraction
         dtype = params["embed_tokens"]["embedding"].dtype
