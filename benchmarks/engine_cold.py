@@ -97,23 +97,31 @@ def timed(fns: dict, repeats: int) -> dict:
     return {k: (float(np.median(v)), res[k]) for k, v in ts.items()}
 
 
+def step_seconds(model, ids, short, long, repeats, **kw):
+    """Seconds per decode step of the engine on `ids` (one slot per prompt, greedy, EOS
+    suppressed): (t(long new) - t(short new)) / (long - short), medians of `timed`, so
+    prefill and the fixed costs of a call cancel. kw goes to `generate_tokens`."""
+    from persona_jax.runtime import apply, engine
+    b = len(ids)
+
+    def new(n):
+        return engine.generate_tokens(model, ids, [n] * b, 0.0, 1.0, None, n, 0, [],
+                                      apply.steering_sites(model.config), b, chunk=128, **kw)
+    r = timed({"s": lambda: new(short), "l": lambda: new(long)}, repeats)
+    return (r["l"][0] - r["s"][0]) / (long - short)
+
+
 def full_ring_ceiling(model, prompts, mean, cap, repeats, slots=32):
     """The decode step at `slots` rows over the ragged call's ring (prompt bucket + cap)
-    and over the fixed-mean call's (prompt bucket + mean, rounded up to 16), each
-    (t(3n new) - t(n new)) / 2n with n = mean // 4, on the first `slots` prompts. A step
-    reads every column of its ring (the XLA:CPU dot has no per-row length), so their
-    ratio bounds the ragged efficiency against the fixed-mean run of any scheduler on
-    this path, with every slot busy and prefill free."""
-    from persona_jax.runtime import apply, engine
+    and over the fixed-mean call's (prompt bucket + mean, rounded up to 16), each from
+    `step_seconds` between mean // 4 and 3x that many new tokens, on the first `slots`
+    prompts. A step reads every column of its ring (the XLA:CPU dot has no per-row
+    length), so their ratio bounds the ragged efficiency against the fixed-mean run of
+    any scheduler on this path, with every slot busy and prefill free."""
     from persona_jax.runtime.generate import render_prompts, tokenize
     ids = tokenize(model, render_prompts(model, prompts[:slots]))
     n = max(4, mean // 4)
-
-    def new(k, ring_new):
-        return engine.generate_tokens(model, ids, [k] * slots, 0.0, 1.0, None, k, 0, [],
-                                      apply.steering_sites(model.config), slots, chunk=128, max_new=ring_new)
-    r = timed({f"{w}_{k}": (lambda k=k, w=w: new(k, w)) for w in (mean, cap) for k in (n, 3 * n)}, repeats)
-    step = {w: (r[f"{w}_{3 * n}"][0] - r[f"{w}_{n}"][0]) / (2 * n) for w in (mean, cap)}
+    step = {w: step_seconds(model, ids, n, 3 * n, repeats, max_new=w) for w in (mean, cap)}
     return {"slots": slots, "step_ms_mean_ring": step[mean] * 1e3, "step_ms_cap_ring": step[cap] * 1e3,
             "ceiling_vs_fixed_mean": step[mean] / step[cap]}
 
@@ -133,16 +141,10 @@ def stream_bandwidth() -> float:
 def decode_floor(model, repeats):
     """The engine's decode step at batch 16 against its byte floor."""
     import jax
-    from persona_jax.runtime import apply, engine
     rng = np.random.RandomState(1)
     b, short, long = 16, 32, 96
     ids = [list(rng.randint(10, 120, size=rng.randint(80, 161))) for _ in range(b)]
-
-    def new(n):
-        return engine.generate_tokens(model, ids, [n] * b, 0.0, 1.0, None, n, 0, [],
-                                      apply.steering_sites(model.config), b, prefill_batch=b, chunk=128)
-    r = timed({"s": lambda: new(short), "l": lambda: new(long)}, repeats)
-    step = (r["l"][0] - r["s"][0]) / (long - short)
+    step = step_seconds(model, ids, short, long, repeats, prefill_batch=b)
     c = model.config
     item = np.dtype(model.dtype).itemsize
     weights = sum(x.nbytes for x in jax.tree.leaves(model.params["layers"]))

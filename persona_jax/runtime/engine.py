@@ -540,12 +540,13 @@ class Engine:
         self.control = control
         self.records: dict[int, dict] = {}  # per finished input: the control's records
         self.multiple = batching.batch_multiple(mesh)
+        self.refill = max(1, int(spec.slots * refill_fraction))  # free slots a waiting queue refills at once
         if jax.default_backend() == "cpu":  # a group no larger than a refill (at least 4 rows):
             # there prefill is matmul-bound, and a refill of 4 slots padded to a group of 8
             # prefilled twice its tokens (the ragged benchmark at 32 slots: 4.9 -> 4.55 s)
-            prefill_batch = min(prefill_batch, max(4, int(spec.slots * refill_fraction)))
+            prefill_batch = min(prefill_batch, max(4, self.refill))
         self.prefill_batch = batching.grow_batch(max(1, prefill_batch), self.multiple)
-        self.chunk, self.refill_fraction = chunk, refill_fraction
+        self.chunk = chunk
         dtype = params["embed_tokens"]["embedding"].dtype
         steer = dpos = None
         if steering is not None:
@@ -624,7 +625,7 @@ class Engine:
             busy = sum(o is not None for o in owner)
             small = self.drain_slots if pool is spec else None
             if waiting:  # come back when a few slots can take waiting requests
-                want = min(len(waiting), max(1, int(spec.slots * self.refill_fraction)))
+                want = min(len(waiting), self.refill)
                 stop_at = spec.slots - busy + want
             elif small is not None and busy > small:  # come back when the live rows fit the small pool
                 stop_at = spec.slots - small
