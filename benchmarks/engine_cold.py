@@ -9,9 +9,10 @@ five EOS ids), 256 chat prompts of 3-11 words, sampled at T=1 through `pj.genera
 Geometric(5/320): mean ~64, a few % at the cap). Everything is measured in this run:
 
 * cold / warm: the first `pj.generate` call of a fresh process (a child process, with an
-  empty persistent compilation cache, then again with the cache the first child filled),
+  empty persistent compilation cache, then again with the cache the first child filled:
+  JAX's compiled programs and the engine's whole executables, `runtime/executable_store.py`),
   the second call of that process (warm), and the programs each call obtained
-  (`runtime/compile_count.py`: compiled by XLA, or loaded from the cache);
+  (`runtime/compile_count.py`: compiled by XLA, or loaded from the cache or the store);
 * ragged efficiency: useful tokens/s of the ragged call over tokens/s of the same prompts
   at a fixed length (EOS suppressed) equal to the ragged mean (`fixed_mean`, slots sized
   for it) and equal to the cap (`fixed_cap`), each the median of `--repeats` interleaved

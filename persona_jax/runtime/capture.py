@@ -11,7 +11,6 @@ The reductions are readout weights applied inside the scanned blocks, so only
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Sequence
 
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from persona_jax.runtime import batching
-from persona_jax.runtime import apply
+from persona_jax.runtime import apply, executable_store
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.generate import render_prompts, tokenize
 from persona_jax.runtime.steered import attached
@@ -64,7 +63,7 @@ def teacher_forced_masks(steerings, prompt_lens: np.ndarray, length: int) -> dic
     return jax.tree.map(lambda p, d: np.where(in_prompt, p, d).astype(np.float32), pre, dec)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@executable_store.stored_jit(static_argnames=("config",))
 def capture_arrays(config, params, tokens, prompt_lens, total_lens, interventions=None, positions=None):
     """Jitted capture of one right-padded batch.
 

@@ -9,7 +9,8 @@ against 6.8 s warm).
 The directory: `--compilation_cache_dir` of every runner, else the environment variable
 `PERSONA_JAX_COMPILATION_CACHE`, else JAX's own `JAX_COMPILATION_CACHE_DIR`, else
 `$XDG_CACHE_HOME/persona_jax/jax_cache`
-(`~/.cache/persona_jax/jax_cache`). `""` turns the cache off. Deleting the folder clears it.
+(`~/.cache/persona_jax/jax_cache`). `""` turns the cache off. Deleting the folder clears it
+(the engine's stored executables, `executables/` inside it, too).
 """
 from __future__ import annotations
 
@@ -32,14 +33,19 @@ def enable(path: str | None = None) -> str:
 
     Every program is cached, however small or quick to compile: the engine's many small
     `insert` / `decode` programs are what a fresh process spends its first seconds on.
+    The engine's programs are also kept whole in `path/executables`
+    (`executable_store`), which a later process loads without tracing them.
     Returns the folder used ("" when off). Safe for several processes at once (JAX writes
     each entry whole, under a new name).
     """
     import jax
 
+    from persona_jax.runtime import executable_store
+
     path = default_dir() if path is None else path
     if not path:
         jax.config.update("jax_enable_compilation_cache", False)
+        executable_store.set_dir("")
         return ""
     path = os.path.abspath(os.path.expanduser(path))
     os.makedirs(path, exist_ok=True)
@@ -47,4 +53,5 @@ def enable(path: str | None = None) -> str:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    executable_store.set_dir(os.path.join(path, "executables"))
     return path

@@ -3,7 +3,7 @@
 JAX reports every program it hands to the backend as a `/jax/core/compile/backend_compile_duration`
 event (named by the jitted function), whether XLA compiles it or the persistent
 compilation cache supplies it; a cache hit is preceded by a `/jax/compilation_cache/cache_hits`
-event. `counting()` listens to both, so a benchmark or test can say how many programs a
+event. An executable `executable_store` loads whole is reported by its own event. `counting()` listens to both, so a benchmark or test can say how many programs a
 call needed and which ones were compiled rather than loaded.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from jax import monitoring
 
 _COMPILE = "/jax/core/compile/backend_compile_duration"
 _HIT = "/jax/compilation_cache/cache_hits"
+_STORED = "/persona_jax/executable_store/loaded"  # `executable_store`: loaded, neither traced nor compiled
 
 
 @dataclasses.dataclass
@@ -61,6 +62,11 @@ def _on_event(name, **kw):
     if name == _HIT:
         with _lock:
             for c in _active:
+                c.loaded += 1
+    elif name == _STORED:
+        with _lock:
+            for c in _active:
+                c.programs[str(kw.get("fun_name", "?"))] += 1
                 c.loaded += 1
 
 

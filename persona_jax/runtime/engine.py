@@ -32,7 +32,6 @@ sends those to the static path (`generate.generate_arrays`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -43,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from persona_jax.model import sharding as sh
 from persona_jax.model.decoder import Block, Embedding, empty_cache, head_kernel, lm_logits, norm
 from persona_jax.model.layer_views import layer_views
-from persona_jax.runtime import apply, batching, closed_loop
+from persona_jax.runtime import apply, batching, closed_loop, executable_store
 from persona_jax.runtime.closed_loop import ControlSpec
 from persona_jax.runtime.sampling import SamplingParams, _filter_logits
 from persona_jax.steering import interceptor as iv
@@ -350,7 +349,7 @@ def _decode(config, spec: EngineSpec, chunk: int, params, state, stop_at):
     return jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec", "chunk"), donate_argnames=("state",))
+@executable_store.stored_jit(static_argnames=("config", "spec", "chunk"), donate_argnames=("state",))
 def decode(config, params, state, stop_at, *, spec: EngineSpec, chunk: int):
     """Up to `chunk` decode steps of every slot, on device; returns early once at least
     `stop_at` slots are done. Returns the new state (the old one is donated)."""
@@ -456,7 +455,7 @@ def _insert(config, spec: EngineSpec, params, state, tokens, mask, slot_ids, ind
     return st
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
+@executable_store.stored_jit(static_argnames=("config", "spec"), donate_argnames=("state",))
 def insert(config, params, state, tokens, mask, slot_ids, index, base_key, temperature, top_k, top_p, min_new,
            max_new, steer=None, prefill_pos=None, dpos=None, ctl_rows=None, *, spec: EngineSpec):
     """Prefill a batch of requests and write them into the slots `slot_ids` [B] (an id
@@ -475,7 +474,7 @@ def insert(config, params, state, tokens, mask, slot_ids, index, base_key, tempe
 
 
 # ----------------------------------------------------------------------------- compact
-@jax.jit
+@executable_store.stored_jit
 def compact(state, slot_ids):
     """The state of a smaller pool: slot i of the result is slot `slot_ids[i]` of `state`
     ([S'] int32; ids of done slots fill the rows beyond the live ones). Shared entries

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from persona_jax.model import sharding as sh
 from persona_jax.runtime import batching
-from persona_jax.runtime import apply
+from persona_jax.runtime import apply, executable_store
 from persona_jax.errors import PersonaError
 from persona_jax.runtime.steered import attached
 from persona_jax.steering.spec import as_list, position_masks, steering_arrays, validate_all
@@ -26,7 +26,7 @@ class ForwardOutput:
     hidden_states: jax.Array  # [L+1, B, T, D]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@executable_store.stored_jit(static_argnames=("config",))
 def forward_arrays(config, params, input_ids, attention_mask, interventions=None, positions=None):
     """Jitted forward: input_ids/attention_mask [B, T] -> (logits [B, T, V], hidden [L+1, B, T, D]).
     interventions / positions: steering arrays and their [K, B, T] position masks
