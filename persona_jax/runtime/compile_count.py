@@ -17,7 +17,7 @@ from jax import monitoring
 
 _COMPILE = "/jax/core/compile/backend_compile_duration"
 _HIT = "/jax/compilation_cache/cache_hits"
-_STORED = "/persona_jax/executable_store/loaded"  # `executable_store`: loaded, neither traced nor compiled
+STORED_EVENT = "/persona_jax/executable_store/loaded"  # `executable_store`: loaded, neither traced nor compiled
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ def _on_event(name, **kw):
         with _lock:
             for c in _active:
                 c.loaded += 1
-    elif name == _STORED:
+    elif name == STORED_EVENT:
         with _lock:
             for c in _active:
                 c.programs[str(kw.get("fun_name", "?"))] += 1

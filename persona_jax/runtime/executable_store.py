@@ -37,8 +37,9 @@ import threading
 import jax
 import numpy as np
 
+from persona_jax.runtime import compile_count
+
 _FORMAT = 1
-_EVENT = "/persona_jax/executable_store/loaded"  # counted by `compile_count`
 _MEMORY = 64  # executables kept in this process (each maps memory; see clear())
 
 _dir = ""
@@ -56,10 +57,6 @@ def set_dir(path: str) -> None:
     _dir = path
     if path:
         os.makedirs(path, exist_ok=True)
-
-
-def store_dir() -> str:
-    return _dir
 
 
 def clear() -> None:
@@ -86,22 +83,6 @@ try:  # so that jax.clear_caches() (tests, users freeing memory) drops these too
     _jax_util.register_cache(_REGISTERED, "persona_jax executable store")
 except (ImportError, AttributeError):  # a JAX without the registry: clear() by hand
     pass
-
-
-_thread = threading.local()
-
-
-def _on_event(name, **kw):
-    if name == "/jax/compilation_cache/cache_hits":
-        _thread.hits = getattr(_thread, "hits", 0) + 1
-
-
-jax.monitoring.register_event_listener(_on_event)
-
-
-def _hits() -> int:
-    """Persistent-cache hits in this thread so far."""
-    return getattr(_thread, "hits", 0)
 
 
 def _package_source() -> str:
@@ -204,13 +185,13 @@ class Stored:
             if fmt == _FORMAT and stored_text == text:
                 exe = se.deserialize_and_load(blob, in_tree, out_tree, backend=device.client,
                                               execution_devices=[device])
-                jax.monitoring.record_event(_EVENT, fun_name=name)
+                jax.monitoring.record_event(compile_count.STORED_EVENT, fun_name=name)
                 return exe
         except Exception:  # noqa: BLE001 — absent, cut short or from another build: compile it
             pass
-        before = _hits()
-        exe = self.jitted.lower(*args, **kwargs).compile()
-        if _hits() != before:  # JAX's cache supplied it: XLA:CPU cannot serialize such an
+        with compile_count.counting() as obtained:
+            exe = self.jitted.lower(*args, **kwargs).compile()
+        if obtained.loaded:  # JAX's cache supplied it: XLA:CPU cannot serialize such an
             return exe  # executable again (a later load fails: "Function ... not found")
         try:
             blob, in_tree, out_tree = se.serialize(exe)
