@@ -123,6 +123,44 @@ def test_first_loss_matches_torch_and_training_reduces_loss(setup):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(run.params))
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_steps_follow_torch_adamw(setup, layer_loop):
+    """Every step of a run (the layer loop rolled or unrolled) against PyTorch: the same
+    batches through the transformers model, the mean masked cross entropy, its gradient
+    norm, `clip_grad_norm_` and `torch.optim.AdamW` (decay on the weight matrices and
+    embeddings, none on the norms and biases) at the step's learning rate."""
+    ex = setup["examples"]
+    run = T.train(setup["model"].config, setup["model"].params, ex, T.TrainConfig(**{**TC.__dict__, "layer_loop": layer_loop}))
+    ref = torch_from(setup["dir"])
+    named = list(ref.named_parameters())
+    decays = [n.endswith("weight") and "norm" not in n for n, _ in named]
+    opt = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": TC.weight_decay},
+                             {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}],
+                            lr=TC.learning_rate, betas=(TC.adam_b1, TC.adam_b2), eps=TC.adam_eps)
+    order = D.BatchOrder(ex, TC.batch_size * TC.grad_accum, TC.seed, TC.length_group)
+    for step, record in enumerate(run.history):
+        total, count = 0.0, 0
+        for i in order(step):
+            ids = torch.tensor(ex[i].ids[None].astype(np.int64))
+            ce = torch.nn.functional.cross_entropy(ref(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+            w = torch.tensor(ex[i].mask[1:], dtype=torch.float32)
+            total, count = total + (ce * w).sum(), count + int(w.sum())
+        loss = total / count
+        opt.zero_grad()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), TC.max_grad_norm))
+        np.testing.assert_allclose(record["loss"], float(loss.detach()), rtol=2e-5)
+        np.testing.assert_allclose(record["grad_norm"], norm, rtol=1e-4)
+        for group in opt.param_groups:
+            group["lr"] = record["lr"]
+        opt.step()
+    assert run.history[-1]["lr"] > 0 and len(run.history) == 4
+    ours = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(run.params)}
+    np.testing.assert_allclose(ours["layers/mlp/down_proj/kernel"][1],
+                               ref.model.layers[1].mlp.down_proj.weight.detach().numpy().T, rtol=1e-3, atol=1e-5)
+
+
 def test_from_scratch_on_token_lists_is_deterministic(setup):
     cfg = setup["model"].config
     rng = np.random.default_rng(0)

@@ -77,6 +77,9 @@ class TrainConfig:
     compute_dtype: "float32" or "bfloat16" (bf16 forward/backward, float32 masters).
     remat: rematerialise block activations in the backward pass (`nn.remat` around the
       decoder's scanned Block): only block inputs are kept, the rest is recomputed.
+    layer_loop: "unrolled" (the layer scan as straight-line code: on CPU a step is about
+      20% faster) or "scan" (one compiled block: deep models compile fast); None: the
+      backend's choice, unrolled on CPU and scanned elsewhere. The same arithmetic.
     length_group: batches pooled and sorted by length before batching (less padding).
     checkpoint_every: save a checkpoint every N steps into workdir (0 = only at the end
       when a workdir is given); checkpoint_steps: further steps to save (dense early
@@ -100,6 +103,7 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str = "float32"
     remat: bool = False
+    layer_loop: str | None = None
     length_group: int = 8
     checkpoint_every: int = 0
     checkpoint_steps: tuple = ()
@@ -122,6 +126,8 @@ class TrainConfig:
             raise PersonaError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
         if self.max_checkpoints < 0 or any(int(x) < 1 for x in self.checkpoint_steps):
             raise PersonaError("max_checkpoints must be >= 0 (0 = keep all) and checkpoint_steps >= 1")
+        if self.layer_loop not in (None, "scan", "unrolled"):
+            raise PersonaError(f"layer_loop {self.layer_loop!r} is not supported; use scan or unrolled")
         if self.schedule not in SCHEDULES:
             raise PersonaError(f"learning-rate schedule {self.schedule!r} is not supported; use one of: {', '.join(SCHEDULES)}")
 
@@ -145,6 +151,7 @@ class _Spec:
     remat: bool
     schedule: str = "linear"
     lora_dropout: float = 0.0
+    unroll_layers: bool = False
 
 
 @dataclasses.dataclass
@@ -232,11 +239,13 @@ def _loss_sum(spec: _Spec, trainable, frozen, mb, interventions, dropout_key=Non
         params = flora.with_branches(frozen, trainable, dropout_key, COMPUTE_DTYPES[spec.compute_dtype])
         with nn.intercept_methods(flora.dropout_interceptor(spec.lora, spec.lora_dropout)):
             logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
-                                               interventions=interventions, remat=spec.remat)
+                                               interventions=interventions, remat=spec.remat,
+                                               unroll_layers=spec.unroll_layers)
     else:
         params = _effective_params(spec, trainable, frozen)
         logits, _, _ = apply.decoder_apply(spec.model, params, mb["tokens"], ctx,
-                                           interventions=interventions, remat=spec.remat)
+                                           interventions=interventions, remat=spec.remat,
+                                           unroll_layers=spec.unroll_layers)
     targets = mb["tokens"][:, 1:]
     weight = (mb["loss_mask"][:, 1:] * mb["attention_mask"][:, 1:]).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
@@ -490,7 +499,8 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     num_steps = tc.num_steps or tc.epochs * steps_per_epoch
     spec = _Spec(config, lora, tc.learning_rate, min(tc.warmup_steps, num_steps), num_steps, tc.weight_decay,
                  tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat, tc.schedule,
-                 tc.lora_dropout if lora is not None else 0.0)
+                 tc.lora_dropout if lora is not None else 0.0,
+                 (tc.layer_loop or ("unrolled" if jax.default_backend() == "cpu" else "scan")) == "unrolled")
     if tc.lora_dropout and lora is None:
         raise PersonaError("lora_dropout needs LoRA training (method 'lora'); full fine-tuning has no adapter")
 

@@ -363,6 +363,10 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False  # recompute block activations in the backward pass (training memory)
     right_padded: bool = False  # see Attention
+    # the layer scan unrolled into straight-line code (the same stacked params): on CPU a
+    # training step's backward pass through the rolled loop copies each layer's residuals
+    # (the organism's step 0.40 -> 0.32 s); rolled, a deep model compiles one block
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens, ctx, cache=None, logits: Literal["all", "last", "none"] = "all"):
@@ -380,6 +384,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=c.num_layers,
+            unroll=c.num_layers if self.unroll_layers else 1,
         )(c, self.dtype, self.right_padded, name="layers")
         h, new_cache = blocks(h, layer_in, ctx)
         h = norm(c, self.dtype, "norm")(h)

@@ -68,7 +68,7 @@ def split_sites(interventions, ctx) -> tuple[dict, dict]:
 
 def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=None,
                   cache=None, capture=None, logits: Literal["all", "last", "none"] = "all",
-                  right_padded: bool = False, remat: bool = False):
+                  right_padded: bool = False, remat: bool = False, unroll_layers: bool = False):
     """Run the decoder once.
 
     Args:
@@ -92,6 +92,7 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
         kernel (`DecoderConfig.attention_impl`).
       remat: rematerialise each block's activations in the backward pass (fine-tuning
         memory: only the [L, B, T, D] block inputs are kept).
+      unroll_layers: run the layer scan unrolled (`Decoder.unroll_layers`; fine-tuning on CPU).
 
     Returns (logits [B, T, V] float32 | None, captured, new_cache) where captured is
     None, hidden states [L+1, B, T, D] in the HF `output_hidden_states` convention (the
@@ -119,11 +120,11 @@ def decoder_apply(config: DecoderConfig, params, tokens, ctx, *, interventions=N
     return sh.auto_axes_call(
         lambda params, tokens, ctx, interventions, cache: _decoder_apply(
             config, params, tokens, ctx, interventions, cache, modes, isinstance(capture, dict), logits,
-            right_padded, remat),
+            right_padded, remat, unroll_layers),
         (params, tokens, ctx, interventions, cache), out_specs)
 
 
-def _run(config, params, tokens, ctx, interventions, cache, logits, right_padded, remat, modes):
+def _run(config, params, tokens, ctx, interventions, cache, logits, right_padded, remat, modes, unroll_layers=False):
     """The decoder under interventions and capture at our sites: ((logits, h_final,
     new_cache), {site: captured}, per-call arrays by site)."""
     dtype = params["embed_tokens"]["embedding"].dtype
@@ -133,15 +134,16 @@ def _run(config, params, tokens, ctx, interventions, cache, logits, right_padded
         if "readout" not in calls[name] and "readout" in ctx:
             calls[name]["readout"] = ctx["readout"]
     out, captured = sites.apply(
-        Decoder(config, dtype, remat, right_padded), {"params": params}, tokens, ctx, cache, logits,
+        Decoder(config, dtype, remat, right_padded, unroll_layers), {"params": params}, tokens, ctx, cache, logits,
         sites=SITES, layouts=site_layouts(config),
         interventions={k: {**rows.get(k, {}), **calls.get(k, {})} for k in calls}, capture=modes)
     return out, captured, calls
 
 
-def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_dict, logits, right_padded, remat):
+def _decoder_apply(config, params, tokens, ctx, interventions, cache, modes, as_dict, logits, right_padded, remat,
+                   unroll_layers):
     (lg, h_final, new_cache), captured, calls = _run(config, params, tokens, ctx, interventions, cache, logits,
-                                                     right_padded, remat, modes)
+                                                     right_padded, remat, modes, unroll_layers)
     if "hidden" in captured:  # state L is read after the final norm (the HF convention)
         last = h_final if modes["hidden"] == "output" else iv.readout(h_final, calls["hidden"]["readout"])
         captured["hidden"] = jnp.concatenate([captured["hidden"][:-1], last[None]], axis=0)
