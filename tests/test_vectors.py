@@ -34,6 +34,11 @@ def test_export_pt_loads_with_torch_to_same_numbers(tmp_path):
     assert tuple(t.shape) == (L + 1, D)
     np.testing.assert_array_equal(t.numpy(), arr)
     assert [p.name for p in tmp_path.iterdir()] == ["evil_response_avg_diff.pt"]
+    # byte for byte what torch.save(tensor, path) writes (the archive's folder is named
+    # after the file, not after a temp name), so two runs' files are identical
+    (tmp_path / "ref").mkdir()
+    torch.save(torch.from_numpy(arr), tmp_path / "ref" / path.name)
+    assert path.read_bytes() == (tmp_path / "ref" / path.name).read_bytes()
 
 
 def test_reference_torch_save_loads(tmp_path):

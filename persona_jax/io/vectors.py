@@ -295,7 +295,14 @@ def export_pt(array: Any, path: str | os.PathLike) -> Path:
     torch = _torch()
     arr = _as_float32_2d(array, f"vector for {path}")
     tensor = torch.from_numpy(arr.copy())  # own the memory, contiguous, float32 on CPU
-    return _write_atomic(Path(path), lambda tmp: torch.save(tensor, tmp))
+    path = Path(path)
+    # saved under the final name first: torch.save names the archive's root folder after
+    # the file, so a temp name would make every run's bytes differ from the reference's
+    with tempfile.TemporaryDirectory() as d:
+        staged = Path(d) / path.name
+        torch.save(tensor, staged)
+        data = staged.read_bytes()
+    return _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def import_pt(path: str | os.PathLike) -> np.ndarray:
