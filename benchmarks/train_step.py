@@ -45,7 +45,6 @@ def main():
     if args.steps < 4:
         print("error: --steps must be >= 4 (the steady step is timed from step 3)", file=sys.stderr)
         sys.exit(2)
-    os.environ["PERSONA_JAX_COMPILATION_CACHE"] = ""
     import jax
     jax.config.update("jax_enable_compilation_cache", False)
     import persona_jax as pj

@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from persona_jax.runtime import batching
 from persona_jax.runtime import apply
+from persona_jax.runtime import engine
 from persona_jax.model import sharding as sh
 from persona_jax.errors import PersonaError
 from persona_jax.io import distributed
@@ -77,9 +78,10 @@ class TrainConfig:
     compute_dtype: "float32" or "bfloat16" (bf16 forward/backward, float32 masters).
     remat: rematerialise block activations in the backward pass (`nn.remat` around the
       decoder's scanned Block): only block inputs are kept, the rest is recomputed.
-    layer_loop: "unrolled" (the layer scan as straight-line code: on CPU a step is about
-      20% faster) or "scan" (one compiled block: deep models compile fast); None: the
-      backend's choice, unrolled on CPU and scanned elsewhere. The same arithmetic.
+    layer_loop: "unrolled" (the layer scan as straight-line code: on CPU a step is 12-20%
+      faster, benchmarks/train_step.py) or "scan" (one compiled block: deep models compile
+      fast); None: `engine.default_layer_loop()`, unrolled on CPU and scanned elsewhere.
+      The same arithmetic, rounded in another order.
     length_group: batches pooled and sorted by length before batching (less padding).
     checkpoint_every: save a checkpoint every N steps into workdir (0 = only at the end
       when a workdir is given); checkpoint_steps: further steps to save (dense early
@@ -500,7 +502,7 @@ def train(config: DecoderConfig, params, train_data, train_config: TrainConfig =
     spec = _Spec(config, lora, tc.learning_rate, min(tc.warmup_steps, num_steps), num_steps, tc.weight_decay,
                  tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.max_grad_norm, tc.compute_dtype, tc.remat, tc.schedule,
                  tc.lora_dropout if lora is not None else 0.0,
-                 (tc.layer_loop or ("unrolled" if jax.default_backend() == "cpu" else "scan")) == "unrolled")
+                 (tc.layer_loop or engine.default_layer_loop()) == "unrolled")
     if tc.lora_dropout and lora is None:
         raise PersonaError("lora_dropout needs LoRA training (method 'lora'); full fine-tuning has no adapter")
 

@@ -365,7 +365,7 @@ class Decoder(nn.Module):
     right_padded: bool = False  # see Attention
     # the layer scan unrolled into straight-line code (the same stacked params): on CPU a
     # training step's backward pass through the rolled loop copies each layer's residuals
-    # (the organism's step 0.40 -> 0.32 s); rolled, a deep model compiles one block
+    # (benchmarks/train_step.py); rolled, a deep model compiles one block
     unroll_layers: bool = False
 
     @nn.compact

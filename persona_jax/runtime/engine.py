@@ -73,9 +73,11 @@ class EngineSpec:
 
 
 def default_layer_loop() -> str:
-    """The faster decode layer loop for this backend (measured, benchmarks/engine_ragged.py):
-    "unrolled" on CPU, where a dynamic slice of the stacked cache is copied before the
-    attention dot; "scan" elsewhere."""
+    """The faster layer loop for this backend: "unrolled" on CPU, "scan" elsewhere (where a
+    deep model then compiles one block). Measured for decode (benchmarks/engine_ragged.py:
+    a rolled loop copies a dynamic slice of the stacked cache before the attention dot)
+    and for the trainer's step (benchmarks/train_step.py: its backward pass copies each
+    layer's saved activations)."""
     return "unrolled" if jax.default_backend() == "cpu" else "scan"
 
 
